@@ -1,0 +1,191 @@
+"""The functional merged model: N frozen source weight sets blended by learned coefficients.
+
+``KernelMerge`` holds the source tensors once, the coefficient logits and a *skeleton*: an ordinary timm
+model with the target's head. Its forward computes ``W = sum_i w_i * W_i`` for every backbone parameter
+and runs the skeleton with ``torch.func.functional_call``: no model copy per step, gradients flow to the
+coefficients (and, if asked, to the non-anchor sources). The skeleton's own head is learned directly and
+its BatchNorm buffers track the merged network's statistics during learning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from medmerge.merge.coefficients import GRANULARITIES, Normalizer
+
+
+class SourceMismatchError(ValueError):
+    """Sources whose parameter names or shapes differ cannot be merged."""
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def check_compatible(
+    reference: dict[str, Tensor], sources: Sequence[dict[str, Tensor]], names: Sequence[str], keys: Sequence[str]
+) -> None:
+    """Stop at the first parameter whose name or shape differs between the sources and the skeleton."""
+    for source_name, state in zip(names, sources, strict=True):
+        for key in keys:
+            if key not in state:
+                raise SourceMismatchError(
+                    f"source '{source_name}' has no parameter '{key}' (expected by the architecture); "
+                    "sources must share one architecture"
+                )
+            if tuple(state[key].shape) != tuple(reference[key].shape):
+                raise SourceMismatchError(
+                    f"source '{source_name}' parameter '{key}' has shape {tuple(state[key].shape)}, "
+                    f"expected {tuple(reference[key].shape)}"
+                )
+
+
+class KernelMerge(nn.Module):
+    """Learnable per-kernel blend of N source models of one architecture.
+
+    Args:
+        skeleton: a model of the shared architecture whose head is sized for the target task.
+        sources: the sources' state dicts (heads may be present; they are ignored).
+        source_names: one name per source, in the order of ``sources``.
+        head_keys: the skeleton's head parameters, learned directly and not merged.
+        granularity: a key of ``GRANULARITIES``.
+        normalizer: maps logits to weights that sum to one across sources.
+        init_weights: the initial weight of each source, shape ``(N,)``.
+        trainable_sources: per source, whether its weights learn jointly (the anchor stays frozen).
+    """
+
+    def __init__(
+        self,
+        skeleton: nn.Module,
+        sources: Sequence[dict[str, Tensor]],
+        source_names: Sequence[str],
+        head_keys: Sequence[str],
+        granularity: str,
+        normalizer: Normalizer,
+        init_weights: Tensor,
+        trainable_sources: Sequence[bool] | None = None,
+    ) -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown merge.granularity '{granularity}'; expected one of {sorted(GRANULARITIES)}")
+        if len(sources) != len(source_names) or len(sources) != len(init_weights):
+            raise ValueError("sources, source_names and init_weights must have one entry per source")
+        self.skeleton = skeleton
+        self.source_names = list(source_names)
+        self.granularity = granularity
+        self.normalizer = normalizer
+        head = set(head_keys)
+        reference = dict(skeleton.named_parameters())
+        self.merged_keys = [key for key in reference if key not in head]
+        self.head_keys = [key for key in reference if key in head]
+        check_compatible(reference, sources, self.source_names, self.merged_keys)
+        for key in self.merged_keys:
+            reference[key].requires_grad_(False)
+
+        trainable = list(trainable_sources or [False] * len(sources))
+        self.sources = nn.ModuleList()
+        for state, learn in zip(sources, trainable, strict=True):
+            holder = nn.ParameterDict(
+                {
+                    _safe(key): nn.Parameter(state[key].detach().clone().float(), requires_grad=learn)
+                    for key in self.merged_keys
+                }
+            )
+            self.sources.append(holder)
+
+        grouping = GRANULARITIES[granularity]
+        self.group_of: dict[str, str] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for key in self.merged_keys:
+            group, shape = grouping(key, tuple(reference[key].shape))
+            self.group_of[key] = group
+            shapes.setdefault(group, shape)
+        self.logits = nn.ParameterDict(
+            {_safe(group): nn.Parameter(normalizer.init_logits(init_weights, shape)) for group, shape in shapes.items()}
+        )
+        self._init_buffers(sources, init_weights)
+
+    @torch.no_grad()
+    def _init_buffers(self, sources: Sequence[dict[str, Tensor]], init_weights: Tensor) -> None:
+        """Start the skeleton's float buffers (BN statistics) at the initial blend of the sources'."""
+        for key, buffer in self.skeleton.named_buffers():
+            present = [state[key] for state in sources if key in state]
+            if len(present) != len(sources):
+                continue
+            if buffer.is_floating_point():
+                blended = sum(w * t.float() for w, t in zip(init_weights.tolist(), present, strict=True))
+                buffer.copy_(blended.to(buffer.dtype))
+            else:
+                buffer.copy_(present[0])
+
+    def group_weights(self) -> dict[str, Tensor]:
+        """Normalised weights per coefficient group, each of shape ``(N, *group_shape)``."""
+        return {group: self.normalizer.weights(self.logits[_safe(group)]) for group in set(self.group_of.values())}
+
+    def merged_parameters(self) -> dict[str, Tensor]:
+        """``W = sum_i w_i * W_i`` for every backbone parameter, differentiable in the coefficients."""
+        weights = self.group_weights()
+        merged = {}
+        for key in self.merged_keys:
+            w = weights[self.group_of[key]]
+            safe = _safe(key)
+            total = w[0] * self.sources[0][safe]
+            for index in range(1, len(self.sources)):
+                total = total + w[index] * self.sources[index][safe]
+            merged[key] = total
+        return merged
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional_call(self.skeleton, self.merged_parameters(), (x,), strict=False)
+
+    def learnable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters that learn, by role, so each role can get its own learning rate."""
+        head = dict(self.skeleton.named_parameters())
+        return {
+            "coefficients": list(self.logits.parameters()),
+            "head": [head[key] for key in self.head_keys],
+            "sources": [p for holder in self.sources for p in holder.parameters() if p.requires_grad],
+        }
+
+    @torch.no_grad()
+    def collapsed_state_dict(self) -> dict[str, Tensor]:
+        """One ordinary state dict for the skeleton's architecture: the coefficients applied once."""
+        state = {key: value.detach().clone() for key, value in self.skeleton.state_dict().items()}
+        for key, value in self.merged_parameters().items():
+            state[key] = value.detach().to(state[key].dtype).clone()
+        return state
+
+    @torch.no_grad()
+    def coefficient_tensors(self) -> dict[str, Tensor]:
+        """Normalised per-source weights for every coefficient group, ready for safetensors."""
+        return {group: w.detach().float().cpu().contiguous() for group, w in sorted(self.group_weights().items())}
+
+    @torch.no_grad()
+    def layer_summary(self) -> pd.DataFrame:
+        """Mean coefficient of each source for every merged parameter tensor, in network order."""
+        weights = self.group_weights()
+        rows = []
+        for order, key in enumerate(self.merged_keys):
+            w = weights[self.group_of[key]]
+            row = {"order": order, "parameter": key, "layer": key.rsplit(".", 1)[0], "numel": w[0].numel()}
+            for index, name in enumerate(self.source_names):
+                row[name] = float(w[index].float().mean())
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def source_means(self) -> dict[str, float]:
+        """Mean coefficient of each source over all coefficients (a summary metric)."""
+        with torch.no_grad():
+            weights = self.group_weights()
+            totals = torch.zeros(len(self.source_names))
+            count = 0
+            for w in weights.values():
+                flat = w.detach().float().cpu().reshape(len(self.source_names), -1)
+                totals += flat.sum(dim=1)
+                count += flat.shape[1]
+        return {name: float(totals[i] / count) for i, name in enumerate(self.source_names)}
