@@ -361,7 +361,7 @@ def test_fetch_unknown_origin_and_options(tmp_path):
         ValueError, match=r"unknown option\(s\) \['colour'\].*missing option\(s\) \['n_train'"
     ):
         fetch_dataset("synthetic", {"task": "shapes", "colour": 1}, tmp_path / "x.npz")
-    assert set(DATA_ORIGINS) == {"synthetic", "npz", "medmnist"}
+    assert set(DATA_ORIGINS) == {"synthetic", "npz", "medmnist", "imagefolder", "csv"}
 
 
 def test_fetch_npz_validates_and_copies(tmp_path):

@@ -1,4 +1,5 @@
-"""Write ``data/raw/<dataset>/<dataset>.npz`` from an origin spec (synthetic, local npz, MedMNIST).
+"""Write ``data/raw/<dataset>/<dataset>.npz`` from an origin spec (synthetic, local npz, MedMNIST,
+an image folder, a CSV manifest of image files; see docs/data_sources.md).
 
 Every origin is a function in :data:`DATA_ORIGINS` taking ``out_path`` plus keyword options; the
 file at ``out_path`` appears only once it is complete and validated.
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from medmerge.data.npz import DataError, load_npz, save_npz_atomic
+from medmerge.data.sources import fetch_csv, fetch_imagefolder
 from medmerge.data.synthetic import generate_synthetic
 
 log = logging.getLogger("medmerge.data")
@@ -279,6 +281,8 @@ DATA_ORIGINS: dict[str, DataOrigin] = {
     "synthetic": fetch_synthetic,
     "npz": fetch_npz,
     "medmnist": fetch_medmnist,
+    "imagefolder": fetch_imagefolder,
+    "csv": fetch_csv,
 }
 
 
@@ -295,13 +299,29 @@ def _check_options(origin: str, fn: DataOrigin, options: dict) -> None:
         )
 
 
-def fetch_dataset(origin: str, options: dict, out_path: Path) -> Path:
-    """Write the dataset described by ``origin`` + ``options`` to ``out_path`` (MedMNIST npz layout)."""
+def _with_classes(origin: str, fn: DataOrigin, options: dict, classes: list[str] | None) -> dict:
+    """Pass the dataset's ``classes`` to origins that take a ``classes`` option (it fixes label order)."""
+    if classes is None or "classes" not in inspect.signature(fn).parameters:
+        return options
+    if options.get("classes") not in (None, list(classes)):
+        raise ValueError(
+            f"data origin {origin!r}: options.classes {options['classes']} differs from the dataset's classes "
+            f"{list(classes)}; give the list once"
+        )
+    return {**options, "classes": list(classes)}
+
+
+def fetch_dataset(origin: str, options: dict, out_path: Path, classes: list[str] | None = None) -> Path:
+    """Write the dataset described by ``origin`` + ``options`` to ``out_path`` (MedMNIST npz layout).
+
+    ``classes`` (the dataset's class list) is passed on to origins with a ``classes`` option.
+    """
     if origin not in DATA_ORIGINS:
         raise ValueError(f"unknown data origin {origin!r}; known origins: {sorted(DATA_ORIGINS)}")
     fn = DATA_ORIGINS[origin]
     options = dict(options or {})
     _check_options(origin, fn, options)
+    options = _with_classes(origin, fn, options, classes)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     return fn(out_path, **options)

@@ -4,7 +4,8 @@ Output directory layout (written atomically)::
 
     {split}_images.npy   uint8 (N, S, S, 3), C-contiguous: np.load(..., mmap_mode="r") works
     {split}_labels.npy   int64 (N,)
-    meta.json            classes, num_classes, image_size, counts, source, imbalance_ratio
+    meta.json            classes, num_classes, image_size, counts, source, imbalance_ratio,
+                         duplicates_across_splits (see medmerge.data.validate)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from medmerge.data.npz import SPLITS, DataError, RawDataset
+from medmerge.data.validate import validate_raw
 
 log = logging.getLogger("medmerge.data")
 
@@ -70,10 +72,20 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 # ---------------------------------------------------------------- classes and counts
 
 
+def _check_same_order(raw: RawDataset, names: list[str]) -> None:
+    """The given names may rename the file's classes, but not reorder the same names (labels would swap)."""
+    if raw.class_names is not None and set(raw.class_names) == set(names) and raw.class_names != names:
+        raise DataError(
+            f"{raw.source}: the file's classes {raw.class_names} are the given classes {names} in another "
+            "order, so labels would be swapped; pass the classes to the fetch step too (or reorder them)"
+        )
+
+
 def resolve_class_names(raw: RawDataset, class_names: list[str] | None = None) -> list[str]:
     """The given names, else the file's names, else ``class_{i}`` for 0..max label."""
     if class_names is not None:
         names = [str(n) for n in class_names]
+        _check_same_order(raw, names)
     elif raw.class_names is not None:
         names = list(raw.class_names)
     else:
@@ -140,17 +152,16 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     names = resolve_class_names(raw, class_names)
     counts = class_counts(raw.labels, names)
-    for split, per_class in counts.items():
-        missing = [name for name, n in per_class.items() if n == 0]
-        if missing:
-            log.warning("%s: split %r has no samples of class(es) %s", raw.source.name, split, missing)
+    imbalance = imbalance_ratio(counts["train"])
+    report = validate_raw(raw, counts, imbalance)
     meta = {
         "classes": names,
         "num_classes": len(names),
         "image_size": int(image_size),
         "counts": counts,
         "source": raw.source.name,
-        "imbalance_ratio": imbalance_ratio(counts["train"]),
+        "imbalance_ratio": imbalance,
+        **report,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
