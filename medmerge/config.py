@@ -1,0 +1,207 @@
+"""Typed, validated settings: the one reader of ``params.yaml``.
+
+Every section is a pydantic model that forbids unknown keys, so a typo such as ``merge.lrr`` stops the
+pipeline before any work is done, with a message that names the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _registered(kind: str, name: str, registry: dict) -> str:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} '{name}'; expected one of {sorted(registry)}")
+    return name
+
+
+class DatasetSettings(_Section):
+    """Where one dataset comes from (``origin`` picks a fetcher in ``medmerge.data.fetch.DATA_ORIGINS``)."""
+
+    origin: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    classes: list[str] | None = None
+
+    @field_validator("origin")
+    @classmethod
+    def _known_origin(cls, origin: str) -> str:
+        from medmerge.data.fetch import DATA_ORIGINS  # imported late: the data package imports config
+
+        return _registered("dataset origin", origin, DATA_ORIGINS)
+
+
+class DataSettings(_Section):
+    image_size: int = Field(64, ge=16, le=1024)
+    seed: int = 0
+    target: str
+    datasets: dict[str, DatasetSettings]
+
+    @model_validator(mode="after")
+    def _target_exists(self) -> DataSettings:
+        if self.target not in self.datasets:
+            raise ValueError(f"data.target '{self.target}' is not one of data.datasets: {sorted(self.datasets)}")
+        return self
+
+
+class SourceSettings(_Section):
+    """One source model: its architecture, its starting weights, and the source task it is trained on."""
+
+    arch: str
+    origin: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    task: str
+
+    @field_validator("origin")
+    @classmethod
+    def _known_origin(cls, origin: str) -> str:
+        from medmerge.models.origins import WEIGHT_ORIGINS
+
+        return _registered("weight origin", origin, WEIGHT_ORIGINS)
+
+
+class TrainSettings(_Section):
+    epochs: int = Field(ge=0)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: bool = True
+    keep_best: bool = True
+
+
+class MergeSettings(_Section):
+    method: Literal["medmerge"] = "medmerge"
+    sources_from: Literal["pretrained", "finetuned"] = "pretrained"
+    lr: float = Field(0.01, gt=0)
+    head_lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(32, ge=1)
+    granularity: Literal["kernel", "layer", "slice", "model"] = "kernel"
+    normalization: Literal["auto", "softmax", "sigmoid"] = "auto"
+    anchor: str
+    train_sources: bool = False
+    source_lr: float = Field(1e-4, gt=0)
+    init_coefficient: float = Field(0.5, gt=0, lt=1)
+    finetune_epochs: int = Field(5, ge=0)
+    bn_recalibration: bool = True
+
+
+class EvaluateSettings(_Section):
+    batch_size: int = Field(256, ge=1)
+
+
+class MlflowSettings(_Section):
+    experiment: str = "medmerge"
+    tracking_uri: str | None = None
+
+
+class DeviceSettings(_Section):
+    type: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+
+
+class Params(_Section):
+    data: DataSettings
+    sources: dict[str, SourceSettings]
+    pretrain: TrainSettings
+    finetune: TrainSettings
+    merge: MergeSettings
+    evaluate: EvaluateSettings = EvaluateSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    device: DeviceSettings = DeviceSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        if len(self.sources) < 2:
+            raise ValueError(f"sources: merging needs at least two sources, got {sorted(self.sources)}")
+        archs = {name: s.arch for name, s in self.sources.items()}
+        first_name, first_arch = next(iter(archs.items()))
+        for name, arch in archs.items():
+            if arch != first_arch:
+                raise ValueError(
+                    f"sources.{name}.arch is '{arch}' but sources.{first_name}.arch is '{first_arch}': "
+                    "every source must share one architecture to be merged"
+                )
+        for name, source in self.sources.items():
+            if source.task not in self.data.datasets:
+                raise ValueError(
+                    f"sources.{name}.task '{source.task}' is not one of data.datasets: {sorted(self.data.datasets)}"
+                )
+        if self.merge.anchor not in self.sources:
+            raise ValueError(f"merge.anchor '{self.merge.anchor}' is not one of sources: {sorted(self.sources)}")
+        if self.merge.normalization == "sigmoid" and len(self.sources) != 2:
+            raise ValueError(f"merge.normalization 'sigmoid' needs exactly two sources, got {len(self.sources)}")
+        return self
+
+    @property
+    def arch(self) -> str:
+        return next(iter(self.sources.values())).arch
+
+    @property
+    def source_names(self) -> list[str]:
+        return list(self.sources)
+
+
+def _format_error(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid params"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see the defaults in params.yaml)")
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], path: str | Path = PARAMS_FILE) -> Params:
+    """Validate an already-loaded params mapping."""
+    path = Path(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_error(path, error)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ConfigError` naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    with path.open() as handle:
+        try:
+            raw = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw, path)
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested settings into the dotted names used by ``params.yaml`` and ``dvc exp run -S``."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

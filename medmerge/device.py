@@ -1,0 +1,63 @@
+"""Device, precision and memory-format choices, resolved once from ``params.yaml``'s ``device`` section."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("medmerge.device")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors run: the device, the autocast dtype (None = full precision), the layout."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A scaler that is active only for fp16 on CUDA, where gradients can underflow."""
+        enabled = self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+
+def resolve_runtime(
+    device: str = "auto", mixed_precision: str = "auto", channels_last: str = "auto", compile: bool = False
+) -> Runtime:
+    """``auto`` picks CUDA when present, bf16 autocast where the GPU supports it, channels_last on GPUs."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device.type is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    torch_device = torch.device(device)
+    on_gpu = torch_device.type == "cuda"
+    if mixed_precision == "auto":
+        mixed_precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "none"
+    if mixed_precision not in ("none", *_DTYPES):
+        raise ValueError(f"device.mixed_precision must be auto, none, bf16 or fp16, got '{mixed_precision}'")
+    amp_dtype = _DTYPES.get(mixed_precision)
+    use_channels_last = on_gpu if channels_last == "auto" else channels_last == "on"
+    runtime = Runtime(torch_device, amp_dtype, use_channels_last, compile)
+    log.info(
+        "device %s, mixed precision %s, channels_last %s, compile %s",
+        torch_device, mixed_precision, use_channels_last, compile,
+    )
+    return runtime

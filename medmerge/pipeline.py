@@ -1,0 +1,195 @@
+"""The work of each training stage as plain functions over arrays, state dicts and settings.
+
+Nothing here knows about DVC or MLflow: the stage scripts read params, call these and log the results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from medmerge.config import MergeSettings, TrainSettings
+from medmerge.data.loader import ArrayBatches, DeviceTransform
+from medmerge.data.prepare import load_split, read_meta
+from medmerge.device import Runtime
+from medmerge.merge.coefficients import initial_weights, resolve_normalizer
+from medmerge.merge.functional import KernelMerge
+from medmerge.metrics import classification_metrics
+from medmerge.models import create_model, data_config, head_keys, load_backbone
+from medmerge.train import EpochResult, History, build_optimizer, fit, predict, recalibrate_batchnorm
+
+log = logging.getLogger("medmerge.pipeline")
+
+
+@dataclass
+class TargetData:
+    """A prepared dataset's splits as batch iterators plus its class names."""
+
+    train: ArrayBatches
+    val: ArrayBatches
+    test: ArrayBatches
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def open_dataset(prepared_dir: Path, batch_size: int, eval_batch_size: int = 256, seed: int = 0) -> TargetData:
+    """Memory-map a prepared dataset; the training split is shuffled every epoch."""
+    meta = read_meta(prepared_dir)
+    splits = {name: load_split(prepared_dir, name) for name in ("train", "val", "test")}
+    return TargetData(
+        train=ArrayBatches(*splits["train"], batch_size=batch_size, shuffle=True, seed=seed,
+                           drop_last=len(splits["train"][0]) > batch_size),
+        val=ArrayBatches(*splits["val"], batch_size=eval_batch_size),
+        test=ArrayBatches(*splits["test"], batch_size=eval_batch_size),
+        classes=list(meta["classes"]),
+    )
+
+
+def make_transform(arch: str, runtime: Runtime, seed: int = 0) -> DeviceTransform:
+    """Normalisation from the architecture's timm config (mean = std = 0.5 for the tf_ EfficientNets)."""
+    config = data_config(arch)
+    return DeviceTransform(config["mean"], config["std"], runtime, seed=seed)
+
+
+def train_classifier(
+    arch: str,
+    init_state: dict[str, Tensor],
+    data: TargetData,
+    settings: TrainSettings,
+    runtime: Runtime,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    keep_head: bool = False,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    description: str = "train",
+) -> tuple[nn.Module, History]:
+    """A timm model for ``data``'s classes from ``init_state``, fully trained.
+
+    The head is replaced by a new one for ``data``'s classes unless ``keep_head`` (then the state must fit
+    exactly, as a collapsed merged model does).
+    """
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes=data.num_classes)
+    if keep_head:
+        model.load_state_dict(init_state, strict=True)
+    else:
+        report = load_backbone(model, init_state)
+        log.info("%s: loaded backbone, new head %s", description, report.missing)
+    model = runtime.prepare(model)
+    optimizer = build_optimizer(
+        settings.optimizer, [{"params": list(model.parameters()), "lr": settings.lr}], settings.weight_decay
+    )
+    history = fit(
+        model, optimizer, data.train, data.val, make_transform(arch, runtime, seed),
+        epochs=settings.epochs if epochs is None else epochs, num_classes=data.num_classes,
+        augment=settings.augment, keep_best=settings.keep_best, on_epoch=on_epoch, description=description,
+    )
+    return model, history
+
+
+def build_kernel_merge(
+    arch: str,
+    sources: Sequence[dict[str, Tensor]],
+    source_names: Sequence[str],
+    num_classes: int,
+    settings: MergeSettings,
+    seed: int = 0,
+) -> KernelMerge:
+    """The functional merged model for ``settings`` (granularity, normalisation, anchor, initial weight)."""
+    torch.manual_seed(seed)
+    skeleton = create_model(arch, num_classes=num_classes)
+    anchor = list(source_names).index(settings.anchor)
+    trainable = [settings.train_sources and i != anchor for i in range(len(sources))]
+    return KernelMerge(
+        skeleton,
+        sources,
+        source_names,
+        head_keys(skeleton),
+        settings.granularity,
+        resolve_normalizer(settings.normalization, len(sources)),
+        initial_weights(len(sources), anchor, settings.init_coefficient),
+        trainable,
+    )
+
+
+def learn_kernel_weights(
+    merge: KernelMerge,
+    arch: str,
+    data: TargetData,
+    settings: MergeSettings,
+    runtime: Runtime,
+    *,
+    seed: int = 0,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> History:
+    """Learn the coefficients (and the new head; and non-anchor sources if ``train_sources``)."""
+    merge = runtime.prepare(merge)
+    groups = merge.learnable_groups()
+    optimizer = build_optimizer(
+        "adamw",
+        [
+            {"params": groups["coefficients"], "lr": settings.lr, "weight_decay": 0.0},
+            {"params": groups["head"], "lr": settings.head_lr},
+            {"params": groups["sources"], "lr": settings.source_lr},
+        ],
+        weight_decay=1e-4,
+    )
+    transform = make_transform(arch, runtime, seed)
+    # The merged weights change every step, so BatchNorm running statistics lag behind them; validate
+    # with statistics recomputed on the training split, exactly as collapse will.
+    train_in_order = ArrayBatches(data.train.images, data.train.labels, batch_size=data.val.batch_size)
+    return fit(
+        merge, optimizer, data.train, data.val, transform,
+        epochs=settings.epochs, num_classes=data.num_classes, augment=True, keep_best=True,
+        before_validation=lambda: recalibrate_batchnorm(merge, train_in_order, transform),
+        on_epoch=on_epoch, description="learn kernel weights",
+    )
+
+
+def merge_state_to_save(merge: KernelMerge) -> dict[str, Tensor]:
+    """What collapse needs besides the sources: logits, head, BN buffers and any trained source weights."""
+    frozen = {name for name, p in merge.named_parameters() if name.startswith("sources.") and not p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in merge.state_dict().items() if k not in frozen}
+
+
+def restore_merge_state(merge: KernelMerge, state: dict[str, Tensor]) -> None:
+    """Load ``merge_state_to_save`` output; anything else missing or unexpected is an error."""
+    result = merge.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("sources.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"merge state does not fit the sources: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def collapse(
+    merge: KernelMerge, arch: str, num_classes: int, data: TargetData | None, runtime: Runtime, seed: int = 0
+) -> nn.Module:
+    """Apply the coefficients once: an ordinary timm model (BN recalibrated on ``data.train`` if given)."""
+    model = create_model(arch, num_classes=num_classes)
+    model.load_state_dict(merge.collapsed_state_dict(), strict=True)
+    model = runtime.prepare(model)
+    if data is not None:
+        count = recalibrate_batchnorm(model, data.train, make_transform(arch, runtime, seed))
+        log.info("recalibrated %d BatchNorm layers on %d target training images", count, len(data.train.images))
+    return model.eval()
+
+
+def test_metrics(model: nn.Module, arch: str, data: TargetData, runtime: Runtime) -> dict:
+    """Every reported metric on the test split, plus the confusion matrix."""
+    probabilities, labels = predict(runtime.prepare(model), data.test, make_transform(arch, runtime))
+    return classification_metrics(labels, probabilities, data.classes)
+
+
+def model_state_cpu(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+

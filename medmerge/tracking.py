@@ -1,0 +1,136 @@
+"""MLflow glue for the stages: where the store is, one run per stage, flattened params, tags, artifacts.
+
+The store must outlive ``dvc exp run --temp/--queue``, which runs stages in a temporary copy of the
+repository that is deleted afterwards: relative locations are therefore resolved against ``DVC_ROOT`` (the
+real repository root, which DVC exports to every stage) and experiments get an absolute artifact location.
+``MLFLOW_TRACKING_URI`` in the environment overrides ``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("medmerge.tracking")
+
+DEFAULT_STORE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def repo_root() -> Path:
+    """The real repository root: ``DVC_ROOT`` under DVC (also in temporary experiment copies), else cwd."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def resolve_tracking_uri(configured: str | None = None, root: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` > ``mlflow.tracking_uri`` > ``sqlite:///<root>/mlflow.db``.
+
+    A relative SQLite path (``sqlite:///mlflow.db``) or a bare file path is made absolute against ``root``.
+    """
+    root = root or repo_root()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_STORE
+    if "://" not in uri:
+        return f"sqlite:///{(root / uri).resolve()}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_absolute():
+            return f"sqlite:///{(root / path).resolve()}"
+    return uri
+
+
+def artifact_location(root: Path | None = None) -> str:
+    return (root or repo_root()).joinpath(ARTIFACTS_DIR).resolve().as_uri()
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The commit the run starts from: the experiment's baseline under ``dvc exp run``, else ``HEAD``."""
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
+    if baseline:
+        return baseline
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True,
+                             text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """Create the experiment with an absolute artifact location unless it exists; return its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location())
+    except Exception:  # another process created it first
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _param_value(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class StageRun:
+    """Thin wrapper over an active MLflow run with the logging calls the stages need."""
+
+    def __init__(self, mlflow_module: Any, run: Any) -> None:
+        self._mlflow = mlflow_module
+        self.run = run
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        if clean:
+            self._mlflow.log_metrics(clean, step=step)
+
+    def log_epoch(self, result: Any) -> None:
+        """Per-epoch losses and validation macro F1 as stepped metrics (``result``: a train.EpochResult)."""
+        self.log_metrics(
+            {"train_loss": result.train_loss, "val_loss": result.val_loss, "val_f1_macro": result.val_f1_macro},
+            step=result.epoch,
+        )
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._mlflow.set_tags(dict(tags))
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    experiment: str,
+    params: Mapping[str, Any],
+    tracking_uri: str | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[StageRun]:
+    """One MLflow run for one stage, with flattened params and the stage / experiment / commit tags."""
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    experiment_id = ensure_experiment(experiment, uri)
+    exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
+    all_tags = {"stage": stage, "dvc_exp_name": exp_name, "git_commit": git_commit(), **(tags or {})}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"{stage}@{exp_name}", tags=all_tags) as run:
+        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name or stage, uri)
+        yield StageRun(mlflow, run)

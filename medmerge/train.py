@@ -1,0 +1,165 @@
+"""One fit loop for every training stage: pretraining, fine-tuning, learning merge coefficients.
+
+What differs between stages (which parameters learn, at which rate, and which forward runs) is passed
+in as a module and parameter groups; the loop itself is the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from medmerge.data.loader import ArrayBatches, DeviceTransform
+from medmerge.metrics import macro_f1
+
+log = logging.getLogger("medmerge.train")
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": lambda groups, weight_decay: torch.optim.AdamW(groups, weight_decay=weight_decay),
+    "sgd": lambda groups, weight_decay: torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay),
+}
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_f1_macro: float
+
+
+@dataclass
+class History:
+    epochs: list[EpochResult] = field(default_factory=list)
+    best_epoch: int | None = None
+
+    @property
+    def best_val_f1(self) -> float:
+        return max((e.val_f1_macro for e in self.epochs), default=math.nan)
+
+
+def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    """``groups``: torch param groups with ``params`` and ``lr``; empty groups are dropped."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}'; expected one of {sorted(OPTIMIZERS)}")
+    groups = [g for g in groups if g["params"]]
+    return OPTIMIZERS[name](groups, weight_decay)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: ArrayBatches, transform: DeviceTransform) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and labels for every sample, in order (eval mode)."""
+    model.eval()
+    probabilities, labels = [], []
+    for images, targets in batches:
+        with transform.runtime.autocast():
+            logits = model(transform(images))
+        probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        labels.append(targets.numpy())
+    return np.concatenate(probabilities), np.concatenate(labels)
+
+
+def evaluate_loss_f1(
+    model: nn.Module, batches: ArrayBatches, transform: DeviceTransform, num_classes: int
+) -> tuple[float, float]:
+    probabilities, labels = predict(model, batches, transform)
+    loss = float(nn.functional.nll_loss(torch.from_numpy(np.log(probabilities + 1e-12)), torch.from_numpy(labels)))
+    return loss, macro_f1(labels, probabilities.argmax(axis=1), num_classes)
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: ArrayBatches,
+    val: ArrayBatches,
+    transform: DeviceTransform,
+    *,
+    epochs: int,
+    num_classes: int,
+    augment: bool = True,
+    keep_best: bool = True,
+    class_weights: Tensor | None = None,
+    before_validation: Callable[[], None] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    description: str = "train",
+) -> History:
+    """Train ``model`` with cross-entropy; validate by macro F1 after each epoch.
+
+    With ``keep_best`` the state of the epoch with the best validation macro F1 is restored at the end.
+    ``before_validation`` runs before each validation (a merge recalibrates its BatchNorm statistics there);
+    ``on_epoch`` receives each epoch's result (the stages log it to MLflow).
+    """
+    runtime = transform.runtime
+    history = History()
+    scaler = runtime.grad_scaler()
+    step = torch.compile(model) if runtime.compile else model
+    weights = class_weights.to(runtime.device) if class_weights is not None else None
+    best_state, best_f1 = None, -math.inf
+    total_steps = epochs * len(train)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total_steps, 1), pct_start=0.1
+    ) if total_steps else None
+    with tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            running, seen = 0.0, 0
+            for images, labels in train:
+                x, y = transform(images, augment=augment), labels.to(runtime.device)
+                with runtime.autocast():
+                    loss = nn.functional.cross_entropy(step(x).float(), y, weight=weights)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                running += loss.detach().item() * len(y)
+                seen += len(y)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{running / seen:.4f}")
+            if before_validation is not None:
+                before_validation()
+            val_loss, val_f1 = evaluate_loss_f1(model, val, transform, num_classes)
+            result = EpochResult(epoch, running / max(seen, 1), val_loss, val_f1)
+            history.epochs.append(result)
+            log.info("%s epoch %d: train loss %.4f, val loss %.4f, val macro F1 %.4f",
+                     description, epoch, result.train_loss, val_loss, val_f1)
+            if on_epoch is not None:
+                on_epoch(result)
+            if keep_best and val_f1 > best_f1:
+                best_f1, history.best_epoch = val_f1, epoch
+                best_state = copy.deepcopy(model.state_dict())
+    if keep_best and best_state is not None:
+        model.load_state_dict(best_state)
+        log.info("%s: restored epoch %d (best val macro F1 %.4f)", description, history.best_epoch, best_f1)
+    return history
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: ArrayBatches, transform: DeviceTransform) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (a cumulative average).
+
+    Returns the number of norm layers reset. Weights are untouched.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for images, _ in batches:
+        with transform.runtime.autocast():
+            model(transform(images))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+    return len(norms)

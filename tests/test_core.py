@@ -1,0 +1,144 @@
+"""Metrics, batches, device paths, the fit loop, BN recalibration and the MLflow store location."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medmerge.data.loader import ArrayBatches, DeviceTransform
+from medmerge.device import resolve_runtime
+from medmerge.metrics import classification_metrics, macro_f1
+from medmerge.tracking import resolve_tracking_uri
+from medmerge.train import build_optimizer, fit, predict, recalibrate_batchnorm
+
+
+def test_metrics_on_known_labels() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    predictions = np.array([0, 1, 1, 1, 2, 0])
+    probabilities = np.eye(3)[predictions] * 0.7 + 0.1
+    metrics = classification_metrics(labels, probabilities, ["a", "b", "c"])
+    # by hand: class a P=1/2 R=1/2 F1=1/2; b P=2/3 R=1 F1=4/5; c P=1 R=1/2 F1=2/3
+    assert metrics["f1_per_class"] == pytest.approx({"a": 0.5, "b": 0.8, "c": 2 / 3})
+    assert metrics["f1_macro"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert 0.5 < metrics["auroc_macro"] <= 1.0
+
+
+def test_macro_f1_counts_absent_classes_and_auroc_needs_two_classes() -> None:
+    assert macro_f1(np.array([0, 0]), np.array([0, 0]), num_classes=2) == pytest.approx(0.5)
+    one_class = classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.4, 0.6]]), ["x", "y"])
+    assert math.isnan(one_class["auroc_macro"])
+
+
+def test_batches_cover_every_sample_once_and_reshuffle() -> None:
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    labels = np.arange(10)
+    batches = ArrayBatches(images, labels, batch_size=4, shuffle=True, seed=1)
+    first = torch.cat([y for _, y in batches]).tolist()
+    second = torch.cat([y for _, y in batches]).tolist()
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert first != second
+    assert len(ArrayBatches(images, labels, 4, drop_last=True)) == 2
+    assert [len(y) for _, y in ArrayBatches(images, labels, 4, drop_last=True)] == [4, 4]
+    x, y = next(iter(ArrayBatches(images, labels, 3)))
+    assert x.dtype == torch.uint8 and torch.equal(x[1], torch.from_numpy(images[1])) and y.tolist() == [0, 1, 2]
+
+
+def test_device_transform_normalises_and_flips() -> None:
+    runtime = resolve_runtime("cpu", "none", "on")
+    transform = DeviceTransform([0.5] * 3, [0.5] * 3, runtime)
+    images = torch.zeros(8, 4, 4, 3, dtype=torch.uint8)
+    images[:, :, 0, :] = 255  # left column white
+    x = transform(images)
+    assert x.shape == (8, 3, 4, 4) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.all(x[:, :, :, 0] == 1.0) and torch.all(x[:, :, :, 1] == -1.0)
+    flipped = transform(images, augment=True)
+    assert sorted(torch.unique(flipped).tolist()) == [-1.0, 1.0]
+    assert not torch.equal(flipped, x) or not torch.equal(transform(images, augment=True), x)
+
+
+def test_runtime_resolution_on_cpu() -> None:
+    runtime = resolve_runtime("auto", "auto", "auto")
+    if not torch.cuda.is_available():
+        assert runtime.device.type == "cpu" and runtime.amp_dtype is None and not runtime.channels_last
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_runtime("cuda")
+    assert resolve_runtime("cpu", "bf16").amp_dtype == torch.bfloat16
+    assert not resolve_runtime("cpu", "fp16").grad_scaler().is_enabled()
+
+
+def toy_data(n: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes told apart by brightness."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 100, size=(n, 8, 8, 3)).astype(np.uint8) + (labels * 120)[:, None, None, None].astype(np.uint8)
+    return images, labels
+
+
+def toy_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("precision,channels_last", [("none", "off"), ("bf16", "on")])
+def test_fit_learns_and_reports_each_epoch(precision: str, channels_last: str) -> None:
+    torch.manual_seed(0)
+    runtime = resolve_runtime("cpu", precision, channels_last)
+    model = runtime.prepare(toy_model())
+    images, labels = toy_data()
+    transform = DeviceTransform([0.5] * 3, [0.5] * 3, runtime)
+    seen = []
+    history = fit(model, build_optimizer("adamw", [{"params": list(model.parameters()), "lr": 0.05}], 0.0),
+                  ArrayBatches(images, labels, 16, shuffle=True), ArrayBatches(images, labels, 64), transform,
+                  epochs=6, num_classes=2, on_epoch=seen.append)
+    assert [e.epoch for e in seen] == list(range(1, 7))
+    assert history.best_val_f1 > 0.9
+    assert history.epochs[-1].train_loss < history.epochs[0].train_loss
+    probabilities, _ = predict(model, ArrayBatches(images, labels, 64), transform)
+    assert probabilities.shape == (48, 2) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-3)
+
+
+def test_keep_best_restores_the_best_epoch() -> None:
+    torch.manual_seed(0)
+    runtime = resolve_runtime("cpu", "none", "off")
+    model = toy_model()
+    images, labels = toy_data()
+    transform = DeviceTransform([0.5] * 3, [0.5] * 3, runtime)
+    states = {}
+    history = fit(model, build_optimizer("sgd", [{"params": list(model.parameters()), "lr": 0.5}], 0.0),
+                  ArrayBatches(images, labels, 8, shuffle=True), ArrayBatches(images, labels, 64), transform,
+                  epochs=4, num_classes=2,
+                  on_epoch=lambda e: states.setdefault(e.epoch, {k: v.clone() for k, v in model.state_dict().items()}))
+    best = max(history.epochs, key=lambda e: e.val_f1_macro).epoch
+    assert history.best_epoch == best
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, states[best][key]), key
+
+
+def test_batchnorm_recalibration_matches_the_data_statistics() -> None:
+    runtime = resolve_runtime("cpu", "none", "off")
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm2d(3))
+    images, labels = toy_data(32)
+    transform = DeviceTransform([0.0] * 3, [1.0] * 3, runtime)
+    assert recalibrate_batchnorm(model, ArrayBatches(images, labels, 8), transform) == 1
+    pixels = torch.from_numpy(images).float().permute(0, 3, 1, 2) / 255.0  # the transform maps 0..255 to 0..1
+    torch.testing.assert_close(model[1].running_mean, pixels.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training
+
+
+def test_tracking_uri_is_absolute_under_the_repository_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///runs/store.db") == f"sqlite:///{tmp_path.resolve()}/runs/store.db"
+    assert resolve_tracking_uri("sqlite:////abs/store.db") == "sqlite:////abs/store.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere.db")
+    assert resolve_tracking_uri(None) == "sqlite:////elsewhere.db"
