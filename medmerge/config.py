@@ -81,6 +81,7 @@ class TrainSettings(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     augment: bool = True
     keep_best: bool = True
+    class_weighted: bool = False  # cross-entropy weighted by inverse class frequency (imbalanced data)
 
 
 class MergeSettings(_Section):
@@ -98,6 +99,7 @@ class MergeSettings(_Section):
     init_coefficient: float = Field(0.5, gt=0, lt=1)
     finetune_epochs: int = Field(5, ge=0)
     bn_recalibration: bool = True
+    class_weighted: bool = False
 
 
 class EvaluateSettings(_Section):

@@ -21,7 +21,15 @@ from medmerge.merge.coefficients import initial_weights, resolve_normalizer
 from medmerge.merge.functional import KernelMerge
 from medmerge.metrics import classification_metrics
 from medmerge.models import create_model, data_config, head_keys, load_backbone
-from medmerge.train import EpochResult, History, build_optimizer, fit, predict, recalibrate_batchnorm
+from medmerge.train import (
+    EpochResult,
+    History,
+    build_optimizer,
+    fit,
+    inverse_frequency_weights,
+    predict,
+    recalibrate_batchnorm,
+)
 
 log = logging.getLogger("medmerge.pipeline")
 
@@ -38,6 +46,10 @@ class TargetData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def class_weights(self) -> Tensor:
+        """Inverse-frequency loss weights from the training split."""
+        return inverse_frequency_weights(self.train.labels, self.num_classes)
 
 
 def open_dataset(prepared_dir: Path, batch_size: int, eval_batch_size: int = 256, seed: int = 0) -> TargetData:
@@ -92,6 +104,7 @@ def train_classifier(
         model, optimizer, data.train, data.val, make_transform(arch, runtime, seed),
         epochs=settings.epochs if epochs is None else epochs, num_classes=data.num_classes,
         augment=settings.augment, keep_best=settings.keep_best, on_epoch=on_epoch, description=description,
+        class_weights=data.class_weights() if settings.class_weighted else None,
     )
     return model, history
 
@@ -151,6 +164,7 @@ def learn_kernel_weights(
         merge, optimizer, data.train, data.val, transform,
         epochs=settings.epochs, num_classes=data.num_classes, augment=True, keep_best=True,
         before_validation=lambda: recalibrate_batchnorm(merge, train_in_order, transform),
+        class_weights=data.class_weights() if settings.class_weighted else None,
         on_epoch=on_epoch, description="learn kernel weights",
     )
 

@@ -46,6 +46,13 @@ class History:
         return max((e.val_f1_macro for e in self.epochs), default=math.nan)
 
 
+def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> Tensor:
+    """Per-class loss weights ``n / (K * n_k)`` (1 for a balanced set); absent classes get weight 0."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    weights = np.divide(counts.sum(), num_classes * counts, out=np.zeros_like(counts), where=counts > 0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
     """``groups``: torch param groups with ``params`` and ``lr``; empty groups are dropped."""
     if name not in OPTIMIZERS:

@@ -142,3 +142,11 @@ def test_tracking_uri_is_absolute_under_the_repository_root(tmp_path: Path, monk
     assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere.db")
     assert resolve_tracking_uri(None) == "sqlite:////elsewhere.db"
+
+
+def test_inverse_frequency_weights() -> None:
+    from medmerge.train import inverse_frequency_weights
+
+    weights = inverse_frequency_weights(np.array([0, 0, 0, 1]), 3)
+    torch.testing.assert_close(weights, torch.tensor([4 / 9, 4 / 3, 0.0]))
+    torch.testing.assert_close(inverse_frequency_weights(np.array([0, 1, 2]), 3), torch.ones(3))

@@ -1,0 +1,157 @@
+"""End to end: the repository copied into a temporary git repo with tiny params; real `dvc` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "medmerge", "pyproject.toml"]
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_params() -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["image_size"] = 32
+    sizes = {"n_train": 32, "n_val": 16, "n_test": 24, "image_size": 32}
+    for dataset in params["data"]["datasets"].values():
+        dataset["options"].update(sizes)
+    for section in ("pretrain", "finetune"):
+        params[section].update(epochs=1, batch_size=16)
+    params["merge"].update(epochs=1, batch_size=16, finetune_epochs=1)
+    params["evaluate"]["batch_size"] = 64
+    return params
+
+
+def run(args: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("pipeline")
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@localhost",
+        MEDMERGE_THREADS="1", TQDM_DISABLE="1",
+    )
+    run(["git", "init", "-q", "-b", "main"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    run(["dvc", "config", "core.analytics", "false"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny pipeline"], root, env)
+    run(["dvc", "repro"], root, env)
+    return root, env
+
+
+def mlflow_client(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def runs(root: Path) -> list:
+    client = mlflow_client(root)
+    experiment = client.get_experiment_by_name("medmerge")
+    assert experiment is not None, "no MLflow experiment 'medmerge' in the repository's mlflow.db"
+    return client.search_runs([experiment.experiment_id], max_results=500)
+
+
+def test_repro_writes_metrics_for_every_method(repo) -> None:
+    root, _ = repo
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    assert set(metrics) == {"ft_imagenet", "ft_scratch", "medmerge_collapsed", "medmerge"}
+    for method, values in metrics.items():
+        assert 0.0 <= values["f1_macro"] <= 1.0, method
+        assert {"accuracy", "balanced_accuracy", "auroc_macro"} <= set(values)
+    for png in ["reports/comparison.png", "reports/confusion/medmerge.png", "models/merge/layers.png"]:
+        assert (root / png).read_bytes()[:4] == b"\x89PNG", png
+    card = json.loads((root / "models/merged/card.json").read_text())
+    assert card["arch"] == "tf_efficientnet_lite0" and card["bn_recalibrated"] is True
+
+
+def test_collapsed_checkpoint_loads_strictly_into_timm(repo) -> None:
+    import timm
+    from safetensors.torch import load_file
+
+    root, _ = repo
+    card = json.loads((root / "models/merged/card.json").read_text())
+    model = timm.create_model(card["arch"], num_classes=card["num_classes"])
+    model.load_state_dict(load_file(root / "models/merged/weights.safetensors"), strict=True)
+
+
+def test_mlflow_holds_stage_runs_with_f1_and_coefficients(repo) -> None:
+    root, _ = repo
+    by_stage: dict[str, list] = {}
+    for item in runs(root):
+        by_stage.setdefault(item.data.tags.get("stage"), []).append(item)
+    assert {"pretrain", "finetune", "learn_weights", "evaluate"} <= set(by_stage)
+    evaluate = by_stage["evaluate"][0]
+    assert "medmerge.f1_macro" in evaluate.data.metrics and "ft_imagenet.f1_macro" in evaluate.data.metrics
+    assert evaluate.data.params["merge.lr"] == str(tiny_params()["merge"]["lr"])
+    assert evaluate.data.tags["dvc_exp_name"] == "workspace"
+    assert len(evaluate.data.tags["git_commit"]) == 40
+    learn = by_stage["learn_weights"][0]
+    assert "coef_mean.imagenet" in learn.data.metrics and "val_f1_macro" in learn.data.metrics
+    artifacts = {a.path for a in mlflow_client(root).list_artifacts(learn.info.run_id, "coefficients")}
+    assert "coefficients/coefficients.safetensors" in artifacts and "coefficients/layers.csv" in artifacts
+    history = mlflow_client(root).get_metric_history(by_stage["finetune"][0].info.run_id, "val_f1_macro")
+    assert [m.step for m in history] == [1]
+
+
+def test_second_repro_does_nothing(repo) -> None:
+    root, env = repo
+    result = run(["dvc", "status"], root, env)
+    assert "up to date" in result.stdout, result.stdout
+
+
+def test_exp_run_reruns_only_the_merge_stages_and_logs_the_new_lr(repo) -> None:
+    root, env = repo
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "lock"], root, env)
+    result = run(["dvc", "exp", "run", "--temp", "-n", "lr-sweep", "-S", "merge.lr=0.003"], root, env)
+    output = result.stdout + result.stderr
+    assert "Running stage 'learn_weights'" in output
+    for skipped in ("pretrain@imagenet", "finetune@scratch", "prepare@lesions"):
+        assert f"Running stage '{skipped}'" not in output, skipped
+    evaluate = [r for r in runs(root) if r.data.tags.get("stage") == "evaluate" and r.data.params["merge.lr"] == "0.003"]
+    assert len(evaluate) == 1, "the temporary experiment's evaluate run did not reach the repository's store"
+    assert evaluate[0].data.tags["dvc_exp_name"] == "lr-sweep"
+    assert "medmerge.f1_macro" in evaluate[0].data.metrics
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
+    assert "lr-sweep" in json.dumps(shown)
+
+
+def test_bad_params_key_stops_the_stage_with_a_clear_message(repo) -> None:
+    root, env = repo
+    bad = root / "bad"
+    bad.mkdir()
+    params = tiny_params()
+    params["merge"]["lrr"] = 0.1
+    (bad / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(root / "stages", bad / "stages")
+    shutil.copytree(root / "medmerge", bad / "medmerge")
+    result = run([sys.executable, "-m", "stages.learn_weights"], bad, env, check=False)
+    assert result.returncode == 1
+    assert "params.yaml" in result.stderr and "merge.lrr: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
