@@ -14,18 +14,31 @@ from typing import Any
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``out_dir``, on failure it is removed."""
+    """Yield a temporary sibling directory that replaces ``out_dir`` once the block succeeds.
+
+    The old ``out_dir`` is moved aside before the new one is renamed into place and deleted after, so at
+    every instant ``out_dir`` is either the complete old or the complete new directory. On failure the
+    temporary directory is removed and ``out_dir`` is untouched.
+    """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old = None
     try:
         yield temp
+        os.chmod(temp, 0o755)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        os.replace(temp, out_dir)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(temp, out_dir)
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -38,10 +51,11 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     temp = Path(name)
     try:
         yield temp
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    os.replace(temp, path)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -150,3 +150,23 @@ def test_inverse_frequency_weights() -> None:
     weights = inverse_frequency_weights(np.array([0, 0, 0, 1]), 3)
     torch.testing.assert_close(weights, torch.tensor([4 / 9, 4 / 3, 0.0]))
     torch.testing.assert_close(inverse_frequency_weights(np.array([0, 1, 2]), 3), torch.ones(3))
+
+
+def test_zero_epochs_keeps_the_merged_model_unchanged() -> None:
+    """merge.finetune_epochs: 0 skips the fine-tune: the collapsed model passes through as it is."""
+    import timm
+
+    from medmerge.config import TrainSettings
+    from medmerge.pipeline import TargetData, train_classifier
+
+    images, labels = toy_data(8)
+    images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)  # 32 px
+    data = TargetData(*(ArrayBatches(images, labels, 4) for _ in range(3)), classes=["dark", "bright"])
+    torch.manual_seed(3)
+    state = timm.create_model("test_resnet", num_classes=2).state_dict()
+    settings = TrainSettings(epochs=5, lr=0.1)
+    model, history = train_classifier("test_resnet", state, data, settings, resolve_runtime("cpu"), epochs=0,
+                                      keep_head=True)
+    assert history.epochs == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key

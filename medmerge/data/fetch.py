@@ -11,9 +11,7 @@ import hashlib
 import inspect
 import io
 import logging
-import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -26,6 +24,7 @@ import numpy as np
 from medmerge.data.npz import DataError, load_npz, save_npz_atomic
 from medmerge.data.sources import fetch_csv, fetch_imagefolder
 from medmerge.data.synthetic import generate_synthetic
+from medmerge.io import atomic_file
 
 log = logging.getLogger("medmerge.data")
 
@@ -137,14 +136,6 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _temp_sibling(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    return Path(tmp)
-
-
 def _add_class_names(npz_path: Path, class_names: list[str]) -> None:
     """Append a ``class_names.npy`` member to an npz (zip) file that lacks one."""
     with zipfile.ZipFile(npz_path) as zf:
@@ -167,8 +158,7 @@ def _stage(
 
     Validation errors name ``label`` (the source file or URL) instead of the temporary file.
     """
-    tmp = _temp_sibling(out_path)
-    try:
+    with atomic_file(out_path) as tmp:
         fill(tmp)
         try:
             if class_names is not None:
@@ -178,10 +168,6 @@ def _stage(
             raise DataError(f"{label}: not a readable .npz file ({err})") from None
         except DataError as err:
             raise DataError(str(err).replace(str(tmp), label)) from None
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out_path
 
 

@@ -13,14 +13,14 @@ Image dtypes accepted by :func:`load_npz` (everything is returned as uint8):
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from medmerge.io import atomic_file
 
 SPLITS = ("train", "val", "test")
 EXPECTED_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
@@ -182,15 +182,5 @@ def save_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray], compress: b
             raise DataError(
                 f"{path} [{key}]: object arrays cannot be saved without pickle; use a unicode array"
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        (np.savez_compressed if compress else np.savez)(f, **arrays)

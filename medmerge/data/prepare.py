@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from PIL import Image
 
 from medmerge.data.npz import SPLITS, DataError, RawDataset
 from medmerge.data.validate import validate_raw
+from medmerge.io import atomic_directory
 
 log = logging.getLogger("medmerge.data")
 
@@ -126,19 +124,6 @@ def _write_split(images: np.ndarray, labels: np.ndarray, image_size: int, out: P
     np.save(out / f"{split}_labels.npy", labels.astype(np.int64))
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp``; the old directory is moved aside first, then deleted."""
-    old = None
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise DataError(f"{out_dir} exists and is not a directory")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare_dataset(
     raw: RawDataset, image_size: int, out_dir: Path, class_names: list[str] | None = None
 ) -> dict:
@@ -163,17 +148,10 @@ def prepare_dataset(
         "imbalance_ratio": imbalance,
         **report,
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         for split in SPLITS:
             _write_split(raw.images[split], raw.labels[split], int(image_size), tmp, split)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("prepared %s -> %s (%d classes, %d px)", raw.source.name, out_dir, len(names), image_size)
     return meta
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from medmerge.data.npz import SPLITS, DataError
+from medmerge.io import atomic_file
 
 log = logging.getLogger("medmerge.data")
 
@@ -124,16 +123,8 @@ def manifest_path(npz_path: Path) -> Path:
 
 def write_manifest(path: Path, rows: Sequence[tuple[str, str, str, str]]) -> Path:
     """Write (path, label, split, group) rows as CSV via a temporary sibling + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(MANIFEST_COLUMNS)
-            writer.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(rows)
     return path

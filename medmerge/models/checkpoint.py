@@ -10,8 +10,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,8 @@ from typing import Any
 import safetensors.torch
 import torch
 from torch import Tensor
+
+from medmerge.io import atomic_directory
 
 __all__ = [
     "CALLER_CARD_KEYS",
@@ -165,20 +165,8 @@ def save_model_dir(out_dir: str | os.PathLike[str], state: Mapping[str, Tensor],
     missing = [k for k in CALLER_CARD_KEYS if k not in card]
     if missing:
         raise CheckpointError(f"card for {out_dir} lacks required key(s) {missing}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = None
-    try:
+    with atomic_directory(out_dir) as tmp:
         _write_dir(tmp, state, card)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_card(path: Path) -> dict[str, Any]:
