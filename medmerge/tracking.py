@@ -60,21 +60,28 @@ def git_commit(root: Path | None = None) -> str:
         return "unknown"
 
 
+def _store_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
+    """An inter-process lock beside a SQLite store: several fresh processes initialising one file race
+    (``table experiments already exists``), e.g. under ``dvc queue start -j 2``. Other stores need none."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    database = Path(tracking_uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(database) + ".lock", timeout=300)
+
+
 def ensure_experiment(name: str, tracking_uri: str) -> str:
-    """Create the experiment with an absolute artifact location unless it exists; return its id."""
+    """Initialise the store and create the experiment (absolute artifact location) unless it exists."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
+    with _store_lock(tracking_uri):
+        experiment = mlflow.get_experiment_by_name(name)  # creates the tables of a new SQLite store
+        if experiment is not None:
+            return experiment.experiment_id
         return mlflow.create_experiment(name, artifact_location=artifact_location())
-    except Exception:  # another process created it first
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
 
 
 def _param_value(value: Any) -> str:
