@@ -1,0 +1,293 @@
+"""Every dataset origin and every weight origin through `dvc repro`, on tiny inputs the test writes itself.
+
+Datasets: ``derm`` (target, ``csv`` with patient ids, grouped splits drawn), ``folder`` (``imagefolder`` with
+split folders, mixed PNG RGB / grayscale / JPEG), ``arrays`` (``npz``), ``mnist`` (``medmnist`` from a local
+``root``). Sources: ``a`` (``file``, a wrapped ``.pth`` with a ``module.`` prefix), ``b`` (``url``, served by a
+loopback HTTP server), ``c`` (``timm`` with a local ``file``); three sources, so ``normalization: auto`` is softmax.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "medmerge", "pyproject.toml"]
+ARCH = "test_efficientnet"  # timm's ~0.1M-parameter test model: fast at 32 px on CPU
+SIZE = 32
+DERM_CLASSES = ["benign", "melanoma", "nevus"]
+MNIST_FLAG, MNIST_CLASSES = "dermamnist", 7
+PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+pytestmark = pytest.mark.integration
+
+
+def run(args: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- input files
+
+
+def _image(rng: np.random.Generator, label: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Noise around a class-dependent brightness, so the classes are learnable at all."""
+    return np.clip(rng.normal(60 + 70 * label, 25, size=shape), 0, 255).astype(np.uint8)
+
+
+def write_csv_dataset(root: Path, rng: np.random.Generator) -> Path:
+    """12 patients (4 per class), 3 PNGs each, a manifest without a split column."""
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for patient in range(12):
+        label = patient % len(DERM_CLASSES)
+        for shot in range(3):
+            name = f"p{patient:02d}_{shot}.png"
+            Image.fromarray(_image(rng, label, (SIZE + 4, SIZE, 3)), "RGB").save(images / name)
+            rows.append((f"images/{name}", DERM_CLASSES[label], f"patient{patient:02d}"))
+    manifest = root / "manifest.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "patient_id"])
+        writer.writerows(rows)
+    return manifest
+
+
+def write_image_folder(root: Path, rng: np.random.Generator) -> Path:
+    """root/{train,val,test}/{cyst,normal}/ with RGB PNGs, grayscale PNGs and JPEGs of several sizes."""
+    from PIL import Image
+
+    for split, count in {"train": 8, "val": 4, "test": 4}.items():
+        for label, name in enumerate(["cyst", "normal"]):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                kind = i % 3
+                if kind == 0:
+                    Image.fromarray(_image(rng, label, (SIZE, SIZE, 3)), "RGB").save(folder / f"{i}.png")
+                elif kind == 1:
+                    Image.fromarray(_image(rng, label, (SIZE + 8, SIZE + 8)), "L").save(folder / f"{i}.png")
+                else:
+                    Image.fromarray(_image(rng, label, (SIZE * 2, SIZE, 3)), "RGB").save(folder / f"{i}.jpg")
+    return root
+
+
+def write_medmnist_layout(path: Path, rng: np.random.Generator, num_classes: int, per_class: dict) -> Path:
+    """MedMNIST layout: {split}_images uint8 (N, 28, 28) grayscale, {split}_labels (N, 1); no class names."""
+    arrays = {}
+    for split, count in per_class.items():
+        labels = np.repeat(np.arange(num_classes), count)
+        arrays[f"{split}_images"] = np.stack([_image(rng, int(y) % 3, (28, 28)) for y in labels])
+        arrays[f"{split}_labels"] = labels.astype(np.uint8)[:, None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def write_weights(root: Path) -> dict[str, Path]:
+    """Seeded timm states: a wrapped DataParallel-style .pth, and two .safetensors files."""
+    import safetensors.torch
+    import timm
+    import torch
+
+    def state(seed: int) -> dict:
+        torch.manual_seed(seed)
+        return {k: v.contiguous() for k, v in timm.create_model(ARCH).state_dict().items()}
+
+    root.mkdir(parents=True, exist_ok=True)
+    files = {"a": root / "a.pth", "b": root / "served" / "b.safetensors", "c": root / "c.safetensors"}
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state(1).items()}}, files["a"])
+    files["b"].parent.mkdir()
+    safetensors.torch.save_file(state(2), str(files["b"]))
+    safetensors.torch.save_file(state(3), str(files["c"]))
+    return files
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory):
+    """All input files, and the base URL of a loopback server holding b.safetensors."""
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    files = write_weights(root / "weights")
+    data = {
+        "manifest": write_csv_dataset(root / "derm", rng),
+        "folder": write_image_folder(root / "folder", rng),
+        "arrays": write_medmnist_layout(root / "arrays.npz", rng, 2, {"train": 10, "val": 5, "test": 5}),
+        "mnist_root": write_medmnist_layout(
+            root / "medmnist" / f"{MNIST_FLAG}.npz", rng, MNIST_CLASSES, {"train": 3, "val": 2, "test": 2}
+        ).parent,
+    }
+    served = files["b"].parent
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served))
+    )
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{files['b'].name}"
+    yield {"files": files, "data": data, "url": url, "sha256": sha256(files["b"])}
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def input_params(inputs: dict, url_sha256: str | None = None) -> dict:
+    """The repository's params.yaml with the tiny datasets and sources above, 1 epoch everywhere."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    data, files = inputs["data"], inputs["files"]
+    params["data"].update(image_size=SIZE, target="derm")
+    params["data"]["datasets"] = {
+        "derm": {"origin": "csv", "options": {
+            "path": str(data["manifest"]), "group_column": "patient_id", "image_size": SIZE,
+            "val_fraction": 0.25, "test_fraction": 0.25, "seed": 0}},
+        "folder": {"origin": "imagefolder", "options": {"root": str(data["folder"]), "image_size": SIZE}},
+        "arrays": {"origin": "npz", "options": {"path": str(data["arrays"])}},
+        "mnist": {"origin": "medmnist", "options": {"flag": MNIST_FLAG, "size": 28, "root": str(data["mnist_root"])}},
+    }  # fmt: skip
+    params["sources"] = {
+        "a": {"arch": ARCH, "origin": "file", "options": {"path": str(files["a"])}, "task": "folder"},
+        "b": {"arch": ARCH, "origin": "url", "task": "arrays",
+              "options": {"url": inputs["url"], "sha256": url_sha256 or inputs["sha256"]}},
+        "c": {"arch": ARCH, "origin": "timm", "options": {"name": ARCH, "file": str(files["c"])}, "task": "mnist"},
+    }  # fmt: skip
+    for section in ("pretrain", "finetune"):
+        params[section].update(epochs=1, batch_size=8)
+    params["merge"].update(anchor="a", normalization="auto", epochs=1, batch_size=8, finetune_epochs=1)
+    params["evaluate"]["batch_size"] = 64
+    return params
+
+
+def stage_env() -> dict:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in PROXY_VARS
+    }
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        HF_HUB_OFFLINE="1",
+        MEDMERGE_THREADS="1",
+        TQDM_DISABLE="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@localhost",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@localhost",
+    )
+    return env
+
+
+def copy_repo(root: Path, params: dict) -> Path:
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, inputs) -> Path:
+    root = copy_repo(tmp_path_factory.mktemp("pipeline_inputs"), input_params(inputs))
+    env = stage_env()
+    run(["git", "init", "-q", "-b", "main"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    run(["dvc", "config", "core.analytics", "false"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "every origin"], root, env)
+    run(["dvc", "repro"], root, env)
+    return root
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_repro_runs_every_dataset_and_weight_origin(repo, inputs) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert set(metrics) == {"ft_a", "ft_b", "ft_c", "medmerge", "medmerge_collapsed"}
+    for method, values in metrics.items():
+        assert 0.0 <= values["f1_macro"] <= 1.0, method
+
+    coefficients = repo / "models/merge/coefficients.safetensors"
+    with safe_open(str(coefficients), "pt") as f:
+        assert f.metadata()["sources"] == "a,b,c"
+    weights = load_file(coefficients)
+    assert weights
+    for group, w in weights.items():
+        assert w.shape[0] == 3, group
+        assert np.allclose(w.sum(0).numpy(), 1.0, atol=1e-5), group
+    merge = json.loads((repo / "models/merge/merge.json").read_text())
+    assert merge["normalization"] == "softmax" and merge["anchor"] == "a" and merge["classes"] == DERM_CLASSES
+
+    meta = {name: json.loads((repo / f"data/processed/{name}/meta.json").read_text())
+            for name in ("derm", "folder", "arrays", "mnist")}  # fmt: skip
+    assert meta["derm"]["classes"] == DERM_CLASSES
+    assert meta["folder"]["classes"] == ["cyst", "normal"]
+    assert meta["arrays"]["num_classes"] == 2
+    assert meta["mnist"]["num_classes"] == MNIST_CLASSES
+    assert all(m["image_size"] == SIZE for m in meta.values())
+    assert meta["folder"]["counts"]["train"] == {
+        "cyst": 8,
+        "normal": 8,
+    }  # the split folders are kept as given
+    assert meta["mnist"]["classes"][4] == "melanoma"  # dermamnist's known class names were added
+
+    with (repo / "data/raw/derm/derm.splits.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 36
+    split_of: dict[str, set] = {}
+    for row in rows:
+        split_of.setdefault(row["group"], set()).add(row["split"])
+    assert len(split_of) == 12 and all(g.startswith("patient") for g in split_of)
+    assert all(len(splits) == 1 for splits in split_of.values()), split_of
+    assert {row["split"] for row in rows} == {"train", "val", "test"}
+
+    cards = {name: json.loads((repo / f"models/sources/{name}/card.json").read_text()) for name in "abc"}
+    assert cards["b"]["origin"] == "url" and cards["b"]["options"]["url"] == inputs["url"]
+    assert cards["b"]["source_sha256"] == cards["b"]["options"]["sha256"] == inputs["sha256"]
+    assert cards["a"]["origin"] == "file" and cards["a"]["source_sha256"] == sha256(inputs["files"]["a"])
+    assert cards["c"]["origin"] == "timm" and cards["c"]["source_sha256"] == sha256(inputs["files"]["c"])
+    assert {card["arch"] for card in cards.values()} == {ARCH}
+
+
+def test_url_origin_with_wrong_sha256_stops_fetch_model_cleanly(tmp_path, inputs) -> None:
+    wrong = "0" * 64
+    root = copy_repo(tmp_path, input_params(inputs, url_sha256=wrong))
+    result = run([sys.executable, "-m", "stages.fetch_model", "b"], root, stage_env(), check=False)
+    assert result.returncode == 1, result.stderr
+    assert inputs["url"] in result.stderr and f"expected {wrong}" in result.stderr, result.stderr
+    assert inputs["sha256"] in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not (root / "models/sources/b").exists()
