@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "medmerge", "pyproject.toml"]
+from repo_harness import REPO, copy_repo, init_and_repro, run, stage_env
 
 pytestmark = pytest.mark.integration
 
@@ -31,36 +28,11 @@ def tiny_params() -> dict:
     return params
 
 
-def run(args: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("pipeline")
-    for name in COPIED:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost",
-        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@localhost",
-        MEDMERGE_THREADS="1", TQDM_DISABLE="1",
-    )
-    run(["git", "init", "-q", "-b", "main"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["dvc", "config", "core.analytics", "false"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "tiny pipeline"], root, env)
-    run(["dvc", "repro"], root, env)
+    root = copy_repo(tmp_path_factory.mktemp("pipeline"), tiny_params())
+    env = stage_env()
+    init_and_repro(root, env, "tiny pipeline")
     return root, env
 
 
@@ -155,3 +127,23 @@ def test_bad_params_key_stops_the_stage_with_a_clear_message(repo) -> None:
     assert result.returncode == 1
     assert "params.yaml" in result.stderr and "merge.lrr: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_queued_experiments_run_in_parallel_into_one_store(repo) -> None:
+    """`dvc exp run --queue` twice, then `dvc queue start -j 2`: both experiments' runs land in the store."""
+    root, env = repo
+    for lr in ("0.02", "0.04"):
+        run(["dvc", "exp", "run", "--queue", "-n", f"queued-{lr}", "-S", f"merge.lr={lr}"], root, env)
+    run(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], root, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Failed" not in status, status + run(["dvc", "queue", "logs", "queued-0.02"], root, env, check=False).stdout
+    evaluated = {r.data.params["merge.lr"]: r for r in runs(root) if r.data.tags.get("stage") == "evaluate"}
+    for lr in ("0.02", "0.04"):
+        assert lr in evaluated, f"queued experiment merge.lr={lr} has no evaluate run in the store: {status}"
+        assert evaluated[lr].data.tags["dvc_exp_name"] == f"queued-{lr}"
+        assert "medmerge.f1_macro" in evaluated[lr].data.metrics

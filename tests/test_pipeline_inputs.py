@@ -13,9 +13,6 @@ import functools
 import hashlib
 import http.server
 import json
-import os
-import shutil
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -23,25 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from repo_harness import REPO, copy_repo, init_and_repro, run, stage_env
 
-REPO = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "medmerge", "pyproject.toml"]
 ARCH = "test_efficientnet"  # timm's ~0.1M-parameter test model: fast at 32 px on CPU
 SIZE = 32
 DERM_CLASSES = ["benign", "melanoma", "nevus"]
 MNIST_FLAG, MNIST_CLASSES = "dermamnist", 7
-PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 pytestmark = pytest.mark.integration
-
-
-def run(args: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return result
 
 
 def sha256(path: Path) -> str:
@@ -185,46 +171,10 @@ def input_params(inputs: dict, url_sha256: str | None = None) -> dict:
     return params
 
 
-def stage_env() -> dict:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in PROXY_VARS
-    }
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        NO_PROXY="127.0.0.1,localhost",
-        no_proxy="127.0.0.1,localhost",
-        HF_HUB_OFFLINE="1",
-        MEDMERGE_THREADS="1",
-        TQDM_DISABLE="1",
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@localhost",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@localhost",
-    )
-    return env
-
-
-def copy_repo(root: Path, params: dict) -> Path:
-    for name in COPIED:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return root
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, inputs) -> Path:
     root = copy_repo(tmp_path_factory.mktemp("pipeline_inputs"), input_params(inputs))
-    env = stage_env()
-    run(["git", "init", "-q", "-b", "main"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["dvc", "config", "core.analytics", "false"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "every origin"], root, env)
-    run(["dvc", "repro"], root, env)
+    init_and_repro(root, stage_env(), "every origin")
     return root
 
 

@@ -17,7 +17,7 @@ def test_concurrent_processes_initialise_one_fresh_store(tmp_path: Path) -> None
         for _ in range(4)
     ]
     results = [process.communicate(timeout=300) for process in processes]
-    for process, (out, err) in zip(processes, results, strict=True):
+    for process, (_, err) in zip(processes, results, strict=True):
         assert process.returncode == 0, err[-2000:]
     ids = {out.strip().splitlines()[-1] for out, _ in results}
     assert len(ids) == 1, ids
