@@ -1,10 +1,13 @@
 """Stage fetch_model@<source>: the source's starting weights as models/sources/<source>/ (safetensors + card)."""
 
 import argparse
+import logging
 
 from medmerge import layout
-from medmerge.models import create_model, fetch_weights, head_keys, save_model_dir
+from medmerge.models import check_backbone, create_model, fetch_weights, head_keys, save_model_dir
 from medmerge.stage import run, stage_params
+
+log = logging.getLogger("medmerge.stages.fetch_model")
 
 
 def main() -> None:
@@ -14,9 +17,14 @@ def main() -> None:
     params, _ = stage_params()
     source = params.sources[args.source]
     state, info = fetch_weights(source.arch, source.origin, dict(source.options))
-    head = [key for key in head_keys(create_model(source.arch, num_classes=1)) if key in state]
+    model = create_model(source.arch, num_classes=1)
+    report = check_backbone(model, state)  # every backbone key present with its shape, or a clear error
+    head = [key for key in head_keys(model) if key in state]
     num_classes = int(state[head[0]].shape[0]) if head else 0
-    card = {"arch": source.arch, "num_classes": num_classes, "source": args.source, "stage": "fetch_model", **info}
+    log.info("%s: %d tensors, backbone complete; source head %s (%d classes) is replaced downstream",
+             args.source, len(state), report.unexpected or "absent", num_classes)
+    card = {"arch": source.arch, "num_classes": num_classes, "source": args.source, "stage": "fetch_model",
+            "source_head_keys": report.unexpected, **info}
     save_model_dir(layout.SOURCES / args.source, state, card)
 
 
