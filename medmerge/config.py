@@ -116,6 +116,9 @@ class DeviceSettings(_Section):
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
+    # > 1: the training stages run as that many DDP processes under torchrun (one per GPU on CUDA, gloo
+    # on the CPU); the batch size stays the global batch (docs/multi_gpu.md)
+    processes: int = Field(1, ge=1, le=1024)
 
 
 class Params(_Section):

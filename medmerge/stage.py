@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from medmerge import distributed
 from medmerge.config import ConfigError, Params, flatten, load_params
 from medmerge.device import Runtime, resolve_runtime
 
@@ -22,13 +25,19 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from medmerge.data.npz import DataError
     from medmerge.merge.functional import SourceMismatchError
     from medmerge.models.checkpoint import CheckpointError
+    from medmerge.models.factory import StateDictMismatchError
+    from medmerge.models.origins import OriginError, WeightsUnavailableError
 
-    return ConfigError, DataError, CheckpointError, SourceMismatchError, FileNotFoundError
+    return (ConfigError, DataError, CheckpointError, SourceMismatchError, StateDictMismatchError, OriginError,
+            WeightsUnavailableError, FileNotFoundError)
 
 
 def setup_logging() -> None:
+    """INFO (or ``MEDMERGE_LOG_LEVEL``) in the main process; only warnings from the other ranks of a
+    multi-process run, so each message appears once."""
+    level = os.environ.get("MEDMERGE_LOG_LEVEL", "INFO") if distributed.is_main() else "WARNING"
     logging.basicConfig(
-        level=os.environ.get("MEDMERGE_LOG_LEVEL", "INFO"),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -47,17 +56,58 @@ def stage_params() -> tuple[Params, dict]:
 
 
 def stage_runtime(params: Params) -> Runtime:
-    """The device, precision and layout that ``params.device`` asks for."""
+    """The device, precision and layout that ``params.device`` asks for.
+
+    In a process started by torchrun this also joins the process group (``medmerge.distributed.init``)
+    and gives the process its own GPU.
+    """
     settings = params.device
-    return resolve_runtime(settings.type, settings.mixed_precision, settings.channels_last, settings.compile)
+    if distributed.launched():  # join first: set_device must precede any CUDA query (or all use GPU 0)
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        distributed.init(auto if settings.type == "auto" else settings.type)
+    runtime = resolve_runtime(settings.type, settings.mixed_precision, settings.channels_last, settings.compile)
+    return dataclasses.replace(runtime, device=distributed.device_for(runtime.device))
+
+
+def torchrun_command(processes: int, module: str, argv: Sequence[str]) -> list[str]:
+    """``python -m torch.distributed.run`` for ``processes`` workers each running ``python -m module argv``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", module, *argv]
+
+
+def maybe_relaunch(params: Params, module: str, argv: Sequence[str]) -> None:
+    """With ``device.processes > 1``, re-run this stage as ``module`` under torchrun and exit with its code.
+
+    Does nothing for one process, or inside a process that torchrun started. ``--standalone`` picks a free
+    port, so concurrent experiments (``dvc queue start -j 2``) do not collide. On the CPU each worker gets
+    ``cores / processes`` threads unless ``OMP_NUM_THREADS`` or ``MEDMERGE_THREADS`` say otherwise.
+    """
+    processes = params.device.processes
+    if processes <= 1 or distributed.launched():
+        return
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    command = torchrun_command(processes, module, argv)
+    log.info("device.processes = %d: %s", processes, " ".join(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    raise SystemExit(subprocess.call(command, env=env))
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's ``main``; a bad input exits 1 with its message instead of a traceback."""
+    """Run a stage's ``main``; a bad input exits 1 with its message instead of a traceback.
+
+    In a multi-process run every process waits for the others (rank 0 writes the outputs) before leaving
+    the process group.
+    """
     setup_logging()
     torch.set_num_threads(max(1, int(os.environ.get("MEDMERGE_THREADS", torch.get_num_threads()))))
     try:
         main()
+        distributed.barrier()
     except input_errors() as error:
         log.error("%s", error)
         sys.exit(1)
+    finally:
+        distributed.cleanup()

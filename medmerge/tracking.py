@@ -121,6 +121,28 @@ class StageRun:
         self._mlflow.set_tags(dict(tags))
 
 
+class NullRun:
+    """What ``stage_run`` gives the non-main processes of a multi-process run: every call does nothing,
+    so only rank 0 creates an MLflow run and logs to it."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_epoch(self, result: Any) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -129,8 +151,16 @@ def stage_run(
     tracking_uri: str | None = None,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
-) -> Iterator[StageRun]:
-    """One MLflow run for one stage, with flattened params and the stage / experiment / commit tags."""
+) -> Iterator[StageRun | NullRun]:
+    """One MLflow run for one stage, with flattened params and the stage / experiment / commit tags.
+
+    In a multi-process run only rank 0 logs; the other processes get a ``NullRun``.
+    """
+    from medmerge import distributed
+
+    if not distributed.is_main():
+        yield NullRun()
+        return
     import mlflow
 
     uri = resolve_tracking_uri(tracking_uri)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from medmerge import distributed
 from medmerge.data.loader import ArrayBatches, DeviceTransform
 from medmerge.metrics import macro_f1
 
@@ -103,20 +104,31 @@ def fit(
     With ``keep_best`` the state of the epoch with the best validation macro F1 is restored at the end.
     ``before_validation`` runs before each validation (a merge recalibrates its BatchNorm statistics there);
     ``on_epoch`` receives each epoch's result (the stages log it to MLflow).
+
+    Under ``torchrun`` (an initialised process group, see ``medmerge.distributed``) the model is wrapped
+    in DistributedDataParallel and each process trains on its shard of every global batch of ``train``;
+    BatchNorm normalises with each process's own batch statistics. Validation runs on the whole ``val``
+    split in every process (rank 0's result decides ``keep_best`` everywhere), and every process returns
+    the same model; the reported train loss is the mean over processes.
     """
     runtime = transform.runtime
     history = History()
     scaler = runtime.grad_scaler()
-    step = torch.compile(model) if runtime.compile else model
+    rank, world = distributed.rank(), distributed.world_size()
+    if distributed.is_distributed():
+        train, transform = train.shard(rank, world), transform.shard(rank, world)
+    trained = distributed.wrap(model, runtime.device)
+    step = torch.compile(trained) if runtime.compile else trained
     weights = class_weights.to(runtime.device) if class_weights is not None else None
     best_state, best_f1 = None, -math.inf
     total_steps = epochs * len(train)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total_steps, 1), pct_start=0.1
     ) if total_steps else None
-    with tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
+    quiet = {} if distributed.is_main() else {"disable": True}  # not disable=False: TQDM_DISABLE still applies
+    with tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True, mininterval=1.0, **quiet) as bar:
         for epoch in range(1, epochs + 1):
-            model.train()
+            trained.train()
             running, seen = 0.0, 0
             for images, labels in train:
                 x, y = transform(images, augment=augment), labels.to(runtime.device)
@@ -131,9 +143,11 @@ def fit(
                 seen += len(y)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{running / seen:.4f}")
+            running, seen = distributed.all_reduce_sum([running, seen])
+            distributed.broadcast_buffers(model)
             if before_validation is not None:
                 before_validation()
-            val_loss, val_f1 = evaluate_loss_f1(model, val, transform, num_classes)
+            val_loss, val_f1 = distributed.broadcast_floats(evaluate_loss_f1(model, val, transform, num_classes))
             result = EpochResult(epoch, running / max(seen, 1), val_loss, val_f1)
             history.epochs.append(result)
             log.info("%s epoch %d: train loss %.4f, val loss %.4f, val macro F1 %.4f",

@@ -6,20 +6,23 @@ merge_state.safetensors (logits, new head, BN buffers: what collapse needs besid
 layers.csv + layers.png (mean coefficient of each source per layer) and merge.json.
 """
 
+import sys
+
 from safetensors.torch import save_file
 
-from medmerge import layout
+from medmerge import distributed, layout
 from medmerge.io import atomic_directory, write_json
 from medmerge.models import load_model_dir
 from medmerge.pipeline import build_kernel_merge, learn_kernel_weights, merge_state_to_save, open_dataset
 from medmerge.plots import plot_layer_coefficients
-from medmerge.stage import run, seed_everything, stage_params, stage_runtime
+from medmerge.stage import maybe_relaunch, run, seed_everything, stage_params, stage_runtime
 from medmerge.tracking import stage_run
 
 
 def main() -> None:
     params, flat = stage_params()
     settings, names = params.merge, params.source_names
+    maybe_relaunch(params, "stages.learn_weights", sys.argv[1:])  # device.processes > 1: rerun under torchrun
     seed_everything(params.data.seed)
     runtime = stage_runtime(params)
     data = open_dataset(layout.processed_dir(params.data.target), settings.batch_size, params.evaluate.batch_size,
@@ -31,6 +34,8 @@ def main() -> None:
                    run_name="learn kernel weights", tags={"method": "medmerge"}) as tracker:
         history = learn_kernel_weights(merge, params.arch, data, settings, runtime, seed=params.data.seed,
                                        on_epoch=tracker.log_epoch)
+        if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them
+            return
         merge = merge.cpu()
         summary = merge.layer_summary()
         means = merge.source_means()

@@ -7,14 +7,15 @@
 
 import argparse
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from medmerge import layout
+from medmerge import distributed, layout
 from medmerge.config import Params, TrainSettings
 from medmerge.models import load_model_dir, save_model_dir
 from medmerge.pipeline import model_state_cpu, open_dataset, test_metrics, train_classifier
-from medmerge.stage import run, seed_everything, stage_params, stage_runtime
+from medmerge.stage import maybe_relaunch, run, seed_everything, stage_params, stage_runtime
 from medmerge.tracking import stage_run
 
 log = logging.getLogger("medmerge.stages.train")
@@ -53,6 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     params, flat = stage_params()
     job = job_for(args.stage, args.source, params)
+    maybe_relaunch(params, "stages.train", sys.argv[1:])  # device.processes > 1: rerun under torchrun
     seed_everything(params.data.seed)
     runtime = stage_runtime(params)
     data = open_dataset(layout.processed_dir(job.dataset), job.settings.batch_size, params.evaluate.batch_size,
@@ -66,14 +68,15 @@ def main() -> None:
         )
         if history.epochs:
             tracker.log_metrics({"best_val_f1_macro": history.best_val_f1})
-        if args.stage == "pretrain":
+        if args.stage == "pretrain" and distributed.is_main():
             metrics = test_metrics(model, params.arch, data, runtime)
             tracker.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
             log.info("%s: test macro F1 %.4f", job.label, metrics["f1_macro"])
     card = {"arch": params.arch, "num_classes": data.num_classes, "classes": data.classes, "task": job.dataset,
             "stage": args.stage, "init": str(job.init_dir), "init_sha256": init_card.get("sha256"),
             "epochs": job.epochs, "best_epoch": history.best_epoch, **job.tags}
-    save_model_dir(job.out_dir, model_state_cpu(model), card)
+    if distributed.is_main():  # every process holds the same model; rank 0 writes it
+        save_model_dir(job.out_dir, model_state_cpu(model), card)
 
 
 if __name__ == "__main__":

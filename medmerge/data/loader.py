@@ -7,8 +7,9 @@ and converted, normalised and flipped there in one go.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,7 +20,16 @@ from medmerge.device import Runtime
 
 @dataclass
 class ArrayBatches:
-    """Iterates ``(images uint8 NHWC, labels int64)`` batches over arrays, reshuffled every epoch."""
+    """Iterates ``(images uint8 NHWC, labels int64)`` batches over arrays, reshuffled every epoch.
+
+    With ``world_size > 1`` (multi-process training) each process iterates only its own shard: every
+    process draws the same permutation for an epoch (same ``seed``), cuts it into the same *global*
+    batches of ``(batch_size // world_size) * world_size`` samples, and process ``rank`` takes the
+    ``rank``-th of ``world_size`` equal, contiguous slices of each. So the global batch stays
+    ``batch_size`` (rounded down to a multiple of ``world_size``), the shards of an epoch are disjoint and
+    of equal size, and every process takes the same number of steps. A last, partial global batch is cut
+    to a multiple of ``world_size`` (dropping fewer than ``world_size`` samples that epoch).
+    """
 
     images: np.ndarray
     labels: np.ndarray
@@ -27,15 +37,46 @@ class ArrayBatches:
     shuffle: bool = False
     seed: int = 0
     drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not one of world_size {self.world_size} processes")
+        if self.batch_size < self.world_size:
+            raise ValueError(
+                f"batch size {self.batch_size} cannot be split over {self.world_size} processes; "
+                "use a batch size of at least device.processes"
+            )
         self._epoch = 0
 
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per step over all processes: ``batch_size`` rounded down to a multiple of ``world_size``."""
+        return self.batch_size - self.batch_size % self.world_size
+
+    def shard(self, rank: int, world_size: int) -> ArrayBatches:
+        """The same data and order, iterated as process ``rank`` of ``world_size``."""
+        sharded = replace(self, rank=rank, world_size=world_size)
+        sharded._epoch = self._epoch
+        return sharded
+
+    def _global_batches(self, count: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each global batch over an epoch's order (each a multiple of world_size)."""
+        size = self.global_batch_size
+        stop = count - count % size if (self.drop_last and count >= size) else count
+        bounds = []
+        for start in range(0, stop, size):
+            end = min(start + size, stop)
+            end -= (end - start) % self.world_size
+            if end > start:
+                bounds.append((start, end))
+        return bounds
+
     def __len__(self) -> int:
-        full, rest = divmod(len(self.images), self.batch_size)
-        return full if (self.drop_last and full) else full + bool(rest)
+        return len(self._global_batches(len(self.images)))
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         count = len(self.images)
@@ -44,21 +85,34 @@ class ArrayBatches:
         else:
             order = np.arange(count)
         self._epoch += 1
-        stop = count - count % self.batch_size if (self.drop_last and count >= self.batch_size) else count
-        for start in range(0, stop, self.batch_size):
-            index = order[start : start + self.batch_size]
+        for start, stop in self._global_batches(count):
+            per_rank = (stop - start) // self.world_size
+            first = start + self.rank * per_rank
+            index = order[first : first + per_rank]
             images = torch.from_numpy(np.ascontiguousarray(self.images[index]))
             yield images, torch.from_numpy(np.asarray(self.labels[index], dtype=np.int64))
 
 
 class DeviceTransform:
-    """uint8 NHWC batch -> normalised float NCHW on the runtime's device, with optional random flips."""
+    """uint8 NHWC batch -> normalised float NCHW on the runtime's device, with optional random flips.
+
+    As a shard (``shard(rank, world_size)``, for a batch from a sharded ``ArrayBatches``) every process
+    draws the flips of the whole global batch from the same seeded stream and applies its own slice, so
+    the augmentation is the one a single process would apply to the global batch.
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], runtime: Runtime, seed: int = 0) -> None:
         self.runtime = runtime
         self.mean = torch.tensor(mean, device=runtime.device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, device=runtime.device).view(1, -1, 1, 1) * 255.0
         self.generator = torch.Generator(device=runtime.device).manual_seed(seed)
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> DeviceTransform:
+        """A view for process ``rank`` of ``world_size`` (sharing this transform's random stream)."""
+        view = copy.copy(self)
+        view.rank, view.world_size = rank, world_size
+        return view
 
     def __call__(self, images: Tensor, augment: bool = False) -> Tensor:
         x = images.to(self.runtime.device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -71,5 +125,7 @@ class DeviceTransform:
 
     def _flip(self, x: Tensor, dim: int) -> Tensor:
         """Flip a random half of the batch along ``dim`` (lesions have no canonical orientation)."""
-        mask = torch.rand(x.shape[0], device=x.device, generator=self.generator) < 0.5
+        n = x.shape[0]
+        draws = torch.rand(n * self.world_size, device=x.device, generator=self.generator)
+        mask = draws[self.rank * n : (self.rank + 1) * n] < 0.5
         return torch.where(mask.view(-1, 1, 1, 1), x.flip(dim), x)
