@@ -47,6 +47,8 @@ class DatasetSettings(_Section):
 class DataSettings(_Section):
     image_size: int = Field(64, ge=16, le=1024)
     seed: int = 0
+    loader_workers: int = Field(0, ge=0, le=64)  # background threads gathering batches
+    pin_memory: Literal["auto", "on", "off"] = "auto"  # auto: on when training on a GPU
     target: str
     datasets: dict[str, DatasetSettings]
 

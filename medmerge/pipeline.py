@@ -52,15 +52,23 @@ class TargetData:
         return inverse_frequency_weights(self.train.labels, self.num_classes)
 
 
-def open_dataset(prepared_dir: Path, batch_size: int, eval_batch_size: int = 256, seed: int = 0) -> TargetData:
+def open_dataset(
+    prepared_dir: Path,
+    batch_size: int,
+    eval_batch_size: int = 256,
+    seed: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> TargetData:
     """Memory-map a prepared dataset; the training split is shuffled every epoch."""
     meta = read_meta(prepared_dir)
     splits = {name: load_split(prepared_dir, name) for name in ("train", "val", "test")}
+    io = {"workers": workers, "pin_memory": pin_memory}
     return TargetData(
         train=ArrayBatches(*splits["train"], batch_size=batch_size, shuffle=True, seed=seed,
-                           drop_last=len(splits["train"][0]) > batch_size),
-        val=ArrayBatches(*splits["val"], batch_size=eval_batch_size),
-        test=ArrayBatches(*splits["test"], batch_size=eval_batch_size),
+                           drop_last=len(splits["train"][0]) > batch_size, **io),
+        val=ArrayBatches(*splits["val"], batch_size=eval_batch_size, **io),
+        test=ArrayBatches(*splits["test"], batch_size=eval_batch_size, **io),
         classes=list(meta["classes"]),
     )
 

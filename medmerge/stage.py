@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ import torch
 from medmerge import distributed
 from medmerge.config import ConfigError, Params, flatten, load_params
 from medmerge.device import Runtime, resolve_runtime
+
+if TYPE_CHECKING:
+    from medmerge.pipeline import TargetData
 
 log = logging.getLogger("medmerge.stage")
 
@@ -93,6 +97,16 @@ def maybe_relaunch(params: Params, module: str, argv: Sequence[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     raise SystemExit(subprocess.call(command, env=env))
+
+
+def stage_dataset(params: Params, dataset: str, batch_size: int, runtime: Runtime) -> TargetData:
+    """A prepared dataset's splits, batched with the loader settings of ``params.data``."""
+    from medmerge import layout
+    from medmerge.pipeline import open_dataset
+
+    pin = params.data.pin_memory == "on" or (params.data.pin_memory == "auto" and runtime.device.type == "cuda")
+    return open_dataset(layout.processed_dir(dataset), batch_size, params.evaluate.batch_size, params.data.seed,
+                        workers=params.data.loader_workers, pin_memory=pin)
 
 
 def run(main: Callable[[], None]) -> None:

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from medmerge import layout
 from medmerge.io import read_json
 from medmerge.models import load_model_dir, save_model_dir
-from medmerge.pipeline import build_kernel_merge, collapse, model_state_cpu, open_dataset, restore_merge_state
-from medmerge.stage import run, seed_everything, stage_params, stage_runtime
+from medmerge.pipeline import build_kernel_merge, collapse, model_state_cpu, restore_merge_state
+from medmerge.stage import run, seed_everything, stage_dataset, stage_params, stage_runtime
 
 
 def main() -> None:
@@ -18,8 +18,7 @@ def main() -> None:
     seed_everything(params.data.seed)
     info = read_json(layout.MERGE / "merge.json")
     runtime = stage_runtime(params)
-    data = open_dataset(layout.processed_dir(params.data.target), params.evaluate.batch_size,
-                        params.evaluate.batch_size, params.data.seed)
+    data = stage_dataset(params, params.data.target, params.evaluate.batch_size, runtime)
     source_dir = layout.SOURCE_STAGES[info["sources_from"]]
     sources = [load_model_dir(source_dir / name)[0] for name in info["sources"]]
     merge = build_kernel_merge(info["arch"], sources, info["sources"], info["num_classes"], params.merge)

@@ -10,9 +10,9 @@ import logging
 from medmerge import layout
 from medmerge.io import atomic_directory, write_json
 from medmerge.models import create_model, load_model_dir
-from medmerge.pipeline import open_dataset, test_metrics
+from medmerge.pipeline import test_metrics
 from medmerge.plots import plot_comparison, plot_confusion
-from medmerge.stage import run, seed_everything, stage_params, stage_runtime
+from medmerge.stage import run, seed_everything, stage_dataset, stage_params, stage_runtime
 from medmerge.tracking import stage_run
 
 log = logging.getLogger("medmerge.stages.evaluate")
@@ -30,8 +30,7 @@ def main() -> None:
     params, flat = stage_params()
     seed_everything(params.data.seed)
     runtime = stage_runtime(params)
-    data = open_dataset(layout.processed_dir(params.data.target), params.evaluate.batch_size,
-                        params.evaluate.batch_size)
+    data = stage_dataset(params, params.data.target, params.evaluate.batch_size, runtime)
     results = {}
     for method, model_dir in method_dirs(params.source_names).items():
         state, card = load_model_dir(model_dir)

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from medmerge import distributed, layout
 from medmerge.io import atomic_directory, write_json
 from medmerge.models import load_model_dir
-from medmerge.pipeline import build_kernel_merge, learn_kernel_weights, merge_state_to_save, open_dataset
+from medmerge.pipeline import build_kernel_merge, learn_kernel_weights, merge_state_to_save
 from medmerge.plots import plot_layer_coefficients
-from medmerge.stage import maybe_relaunch, run, seed_everything, stage_params, stage_runtime
+from medmerge.stage import maybe_relaunch, run, seed_everything, stage_dataset, stage_params, stage_runtime
 from medmerge.tracking import stage_run
 
 
@@ -25,8 +25,7 @@ def main() -> None:
     maybe_relaunch(params, "stages.learn_weights", sys.argv[1:])  # device.processes > 1: rerun under torchrun
     seed_everything(params.data.seed)
     runtime = stage_runtime(params)
-    data = open_dataset(layout.processed_dir(params.data.target), settings.batch_size, params.evaluate.batch_size,
-                        params.data.seed)
+    data = stage_dataset(params, params.data.target, settings.batch_size, runtime)
     source_dir = layout.SOURCE_STAGES[settings.sources_from]
     sources = [load_model_dir(source_dir / name)[0] for name in names]
     merge = build_kernel_merge(params.arch, sources, names, data.num_classes, settings, seed=params.data.seed)

@@ -14,8 +14,8 @@ from pathlib import Path
 from medmerge import distributed, layout
 from medmerge.config import Params, TrainSettings
 from medmerge.models import load_model_dir, save_model_dir
-from medmerge.pipeline import model_state_cpu, open_dataset, test_metrics, train_classifier
-from medmerge.stage import maybe_relaunch, run, seed_everything, stage_params, stage_runtime
+from medmerge.pipeline import model_state_cpu, test_metrics, train_classifier
+from medmerge.stage import maybe_relaunch, run, seed_everything, stage_dataset, stage_params, stage_runtime
 from medmerge.tracking import stage_run
 
 log = logging.getLogger("medmerge.stages.train")
@@ -57,8 +57,7 @@ def main() -> None:
     maybe_relaunch(params, "stages.train", sys.argv[1:])  # device.processes > 1: rerun under torchrun
     seed_everything(params.data.seed)
     runtime = stage_runtime(params)
-    data = open_dataset(layout.processed_dir(job.dataset), job.settings.batch_size, params.evaluate.batch_size,
-                        params.data.seed)
+    data = stage_dataset(params, job.dataset, job.settings.batch_size, runtime)
     init_state, init_card = load_model_dir(job.init_dir)
     with stage_run(args.stage, params.mlflow.experiment, flat, params.mlflow.tracking_uri,
                    run_name=job.label, tags=job.tags) as tracker:

@@ -170,3 +170,16 @@ def test_zero_epochs_keeps_the_merged_model_unchanged() -> None:
     assert history.epochs == []
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_background_workers_yield_the_same_batches_in_order() -> None:
+    images = np.arange(37 * 2 * 2 * 3, dtype=np.uint8).reshape(37, 2, 2, 3)
+    labels = np.arange(37)
+    plain = ArrayBatches(images, labels, batch_size=5, shuffle=True, seed=4)
+    threaded = ArrayBatches(images, labels, batch_size=5, shuffle=True, seed=4, workers=2)
+    for _ in range(2):  # two epochs: the reshuffle is the same too
+        expected = [(x.clone(), y.clone()) for x, y in plain]
+        actual = list(threaded)
+        assert len(actual) == len(expected) == 8
+        for (x, y), (ex, ey) in zip(actual, expected, strict=True):
+            assert torch.equal(x, ex) and torch.equal(y, ey)

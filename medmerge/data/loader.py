@@ -8,7 +8,9 @@ and converted, normalised and flipped there in one go.
 from __future__ import annotations
 
 import copy
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,6 +31,10 @@ class ArrayBatches:
     ``batch_size`` (rounded down to a multiple of ``world_size``), the shards of an epoch are disjoint and
     of equal size, and every process takes the same number of steps. A last, partial global batch is cut
     to a multiple of ``world_size`` (dropping fewer than ``world_size`` samples that epoch).
+
+    ``workers`` background threads gather the next batches while the model trains (gathering from a
+    memory map is a copy that releases the GIL, so threads suffice); ``pin_memory`` pins each batch for an
+    asynchronous copy to a GPU. The order of batches does not depend on either.
     """
 
     images: np.ndarray
@@ -39,6 +45,8 @@ class ArrayBatches:
     drop_last: bool = False
     rank: int = 0
     world_size: int = 1
+    workers: int = 0
+    pin_memory: bool = False
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels):
@@ -78,19 +86,41 @@ class ArrayBatches:
     def __len__(self) -> int:
         return len(self._global_batches(len(self.images)))
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _epoch_indices(self) -> list[np.ndarray]:
+        """This process's sample indices for each batch of the next epoch."""
         count = len(self.images)
         if self.shuffle:
             order = np.random.default_rng((self.seed, self._epoch)).permutation(count)
         else:
             order = np.arange(count)
         self._epoch += 1
+        batches = []
         for start, stop in self._global_batches(count):
             per_rank = (stop - start) // self.world_size
             first = start + self.rank * per_rank
-            index = order[first : first + per_rank]
-            images = torch.from_numpy(np.ascontiguousarray(self.images[index]))
-            yield images, torch.from_numpy(np.asarray(self.labels[index], dtype=np.int64))
+            batches.append(order[first : first + per_rank])
+        return batches
+
+    def _gather(self, index: np.ndarray) -> tuple[Tensor, Tensor]:
+        images = torch.from_numpy(np.ascontiguousarray(self.images[index]))
+        labels = torch.from_numpy(np.asarray(self.labels[index], dtype=np.int64))
+        if self.pin_memory:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        return images, labels
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        indices = self._epoch_indices()
+        if self.workers <= 0:
+            yield from map(self._gather, indices)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="medmerge-batches") as pool:
+            pending: deque = deque()
+            for index in indices:
+                pending.append(pool.submit(self._gather, index))
+                if len(pending) > 2 * self.workers:  # bounded prefetch
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
 
 class DeviceTransform:
