@@ -183,3 +183,19 @@ def test_background_workers_yield_the_same_batches_in_order() -> None:
         assert len(actual) == len(expected) == 8
         for (x, y), (ex, ey) in zip(actual, expected, strict=True):
             assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_compiled_training_step_runs_on_cpu() -> None:
+    """device.compile: the fit loop trains through torch.compile (inductor on CPU) and still learns."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    runtime = resolve_runtime("cpu", "none", "off", compile=True)
+    model = toy_model()
+    images, labels = toy_data(32)
+    history = fit(model, build_optimizer("adamw", [{"params": list(model.parameters()), "lr": 0.05}], 0.0),
+                  ArrayBatches(images, labels, 16, shuffle=True), ArrayBatches(images, labels, 32),
+                  DeviceTransform([0.5] * 3, [0.5] * 3, runtime), epochs=3, num_classes=2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert history.best_val_f1 > 0.9
