@@ -42,7 +42,7 @@ ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 benchmark: install
-	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf data/raw data/processed models/sources models/pretrained models/finetuned models/merge \

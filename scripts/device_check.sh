@@ -8,8 +8,8 @@
 # sets it.
 #
 # A fresh GPU machine has its own python3 with CUDA torch, timm, numpy, pandas, scikit-learn, PyYAML and
-# safetensors, but not pydantic (read by medmerge.config). The repo's .venv (CPU torch, Python 3.11,
-# gigabytes) cannot be used there, so the missing packages travel as Python 3.12 wheels:
+# safetensors, but not pydantic (read by medmerge.config). The repo's .venv (Python 3.11, 6.4 GB) cannot
+# travel there, so the missing packages travel as Python 3.12 wheels:
 #
 #   bash scripts/device_check.sh --prepare-wheels      # here, once: wheels into benchmarks/.cache/wheels
 #   then, through the device tool, from the repository root:
