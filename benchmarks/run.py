@@ -54,12 +54,13 @@ from medmerge.device import Runtime, resolve_runtime
 from medmerge.models import create_model
 from medmerge.pipeline import build_kernel_merge, make_transform
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared with the end-to-end tests
+from repo_harness import copy_repo, init_repo  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 4
 VARIANTS = ("finetune", "kernel_weights")
 TARGETS = {"a": ("<=", 1.0), "b": (">=", 5.0), "c": ("<=", 1.5)}
-#: what a copy of the repository needs to run the pipeline (as tests/repo_harness.py copies it)
-PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "medmerge", "pyproject.toml"]
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -329,18 +330,8 @@ def part_d(args) -> tuple[list[dict], dict]:
     env = stage_env()
     dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
     with tempfile.TemporaryDirectory(prefix="medmerge-stages-") as tmp:
-        root = Path(tmp)
-        for name in PIPELINE_FILES:
-            source = REPO / name
-            if source.is_dir():
-                shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-            elif source.exists():
-                shutil.copy2(source, root / name)
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        for command in (["git", "init", "-q", "-b", "main"], [dvc, "init", "-q"],
-                        [dvc, "config", "core.analytics", "false"], ["git", "add", "-A"],
-                        ["git", "commit", "-qm", "benchmark"]):
-            subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+        root = copy_repo(Path(tmp), params)  # the same scratch repository the end-to-end tests use
+        init_repo(root, env, "benchmark")
         events: list[tuple[float, str]] = []  # (seconds since start, stage name)
         tail: list[str] = []
         start = time.perf_counter()

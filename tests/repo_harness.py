@@ -53,11 +53,16 @@ def copy_repo(root: Path, params: dict) -> Path:
     return root
 
 
-def init_and_repro(root: Path, env: dict, message: str) -> None:
-    """git + DVC initialised and committed (dvc exp run needs a commit), then a full ``dvc repro``."""
+def init_repo(root: Path, env: dict, message: str) -> None:
+    """git + DVC initialised and everything committed (``dvc exp run`` needs a commit)."""
     run(["git", "init", "-q", "-b", "main"], root, env)
     run(["dvc", "init", "-q"], root, env)
     run(["dvc", "config", "core.analytics", "false"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", message], root, env)
+
+
+def init_and_repro(root: Path, env: dict, message: str) -> None:
+    """:func:`init_repo`, then a full ``dvc repro``."""
+    init_repo(root, env, message)
     run(["dvc", "repro"], root, env)
