@@ -38,8 +38,11 @@ def _layer(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
 
 
 def _model(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    """One coefficient per source for the whole network (task-wise, as in AdaMerging)."""
-    return "model", (1,) * len(shape)
+    """One coefficient per source for the whole network (task-wise, as in AdaMerging).
+
+    The group is shared by tensors of every rank, so its coefficient is a scalar: a ``(1,) * ndim`` shape
+    taken from the first tensor would broadcast lower-rank tensors (biases, norms) up to a wrong shape."""
+    return "model", ()
 
 
 GRANULARITIES: dict[str, Granularity] = {

@@ -9,7 +9,7 @@ its BatchNorm buffers track the merged network's statistics during learning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pandas as pd
 import torch
@@ -28,9 +28,17 @@ def _safe(name: str) -> str:
 
 
 def check_compatible(
-    reference: dict[str, Tensor], sources: Sequence[dict[str, Tensor]], names: Sequence[str], keys: Sequence[str]
+    reference: dict[str, Tensor],
+    sources: Sequence[dict[str, Tensor]],
+    names: Sequence[str],
+    keys: Sequence[str],
+    known: Collection[str] | None = None,
 ) -> None:
-    """Stop at the first parameter whose name or shape differs between the sources and the skeleton."""
+    """Stop at the first parameter whose name or shape differs between the sources and the skeleton.
+
+    With ``known`` (every state-dict key of the architecture, head included) a source key outside it is an
+    error too: a deeper or differently built source would otherwise lose its extra tensors silently.
+    """
     for source_name, state in zip(names, sources, strict=True):
         for key in keys:
             if key not in state:
@@ -43,6 +51,12 @@ def check_compatible(
                     f"source '{source_name}' parameter '{key}' has shape {tuple(state[key].shape)}, "
                     f"expected {tuple(reference[key].shape)}"
                 )
+        extra = [key for key in state if key not in known] if known is not None else []
+        if extra:
+            raise SourceMismatchError(
+                f"source '{source_name}' has parameter '{extra[0]}' that the architecture lacks "
+                f"({len(extra)} such key(s)); sources must share one architecture"
+            )
 
 
 class KernelMerge(nn.Module):
@@ -83,7 +97,7 @@ class KernelMerge(nn.Module):
         reference = dict(skeleton.named_parameters())
         self.merged_keys = [key for key in reference if key not in head]
         self.head_keys = [key for key in reference if key in head]
-        check_compatible(reference, sources, self.source_names, self.merged_keys)
+        check_compatible(reference, sources, self.source_names, self.merged_keys, known=set(skeleton.state_dict()))
         for key in self.merged_keys:
             reference[key].requires_grad_(False)
 
