@@ -86,9 +86,18 @@ class TrainSettings(_Section):
     class_weighted: bool = False  # cross-entropy weighted by inverse class frequency (imbalanced data)
 
 
+MERGE_METHODS = ("average", "interpolate", "medmerge")  # medmerge.methods.MERGE_METHODS implements each
+BASELINES = ("ft", "lpft")  # single-source baselines: full fine-tuning, linear probe then fine-tuning
+
+
 class MergeSettings(_Section):
-    method: Literal["medmerge"] = "medmerge"
-    sources_from: Literal["pretrained", "finetuned"] = "pretrained"
+    """One merge: ``method`` and its settings. ``merge`` holds the shared defaults; each entry of ``methods``
+    overrides some of them for one compared merge."""
+
+    method: Literal["average", "interpolate", "medmerge"] = "medmerge"
+    sources_from: Literal["pretrained", "ft", "lpft"] = "pretrained"
+    align: Literal["none", "weight_matching"] = "none"  # permute non-anchor sources onto the anchor first
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # interpolate's grid
     lr: float = Field(0.01, gt=0)
     head_lr: float = Field(1e-3, gt=0)
     epochs: int = Field(10, ge=0)
@@ -102,6 +111,13 @@ class MergeSettings(_Section):
     finetune_epochs: int = Field(5, ge=0)
     bn_recalibration: bool = True
     class_weighted: bool = False
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_in_unit_interval(cls, alphas: list[float]) -> list[float]:
+        if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+            raise ValueError(f"expected a non-empty list of weights in [0, 1] for the anchor, got {alphas}")
+        return alphas
 
 
 class EvaluateSettings(_Section):
@@ -126,9 +142,12 @@ class DeviceSettings(_Section):
 class Params(_Section):
     data: DataSettings
     sources: dict[str, SourceSettings]
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    baselines: list[Literal["ft", "lpft"]] = Field(default_factory=lambda: ["ft"])
     pretrain: TrainSettings
     finetune: TrainSettings
     merge: MergeSettings
+    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"medmerge": {"method": "medmerge"}})
     evaluate: EvaluateSettings = EvaluateSettings()
     mlflow: MlflowSettings = MlflowSettings()
     device: DeviceSettings = DeviceSettings()
@@ -154,7 +173,43 @@ class Params(_Section):
             raise ValueError(f"merge.anchor '{self.merge.anchor}' is not one of sources: {sorted(self.sources)}")
         if self.merge.normalization == "sigmoid" and len(self.sources) != 2:
             raise ValueError(f"merge.normalization 'sigmoid' needs exactly two sources, got {len(self.sources)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: each seed once, got {self.seeds}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines: each baseline once, got {self.baselines}")
+        if not self.methods:
+            raise ValueError("methods: name at least one merge to run, e.g. {medmerge: {method: medmerge}}")
+        for name in self.methods:
+            self._check_method(name, self.method(name))
+        if self.merge.sources_from != "pretrained" and self.merge.sources_from not in self.baselines:
+            raise ValueError(f"merge.sources_from '{self.merge.sources_from}' is not one of baselines {self.baselines}")
         return self
+
+    def _check_method(self, name: str, settings: MergeSettings) -> None:
+        where = f"methods.{name}"
+        if settings.anchor not in self.sources:
+            raise ValueError(f"{where}: anchor '{settings.anchor}' is not one of sources: {sorted(self.sources)}")
+        if settings.normalization == "sigmoid" and len(self.sources) != 2:
+            raise ValueError(f"{where}: normalization 'sigmoid' needs exactly two sources, got {len(self.sources)}")
+        if settings.method == "interpolate" and len(self.sources) != 2:
+            raise ValueError(f"{where}: method 'interpolate' needs exactly two sources, got {sorted(self.sources)}; "
+                             "use 'average' or 'medmerge' for more")
+        if settings.sources_from != self.merge.sources_from:
+            raise ValueError(f"{where}: sources_from must be set in merge (shared by every method)")
+
+    def method(self, name: str) -> MergeSettings:
+        """The settings of the compared merge ``methods.<name>``: ``merge`` with the entry's overrides."""
+        if name not in self.methods:
+            raise ConfigError(f"unknown merge '{name}'; params.yaml methods are {sorted(self.methods)}")
+        overrides = self.methods[name]
+        try:
+            return MergeSettings.model_validate({**self.merge.model_dump(), **overrides})
+        except ValidationError as error:
+            first = error.errors()[0]
+            key = ".".join(str(part) for part in first["loc"])
+            if first["type"] == "extra_forbidden":
+                raise ValueError(f"methods.{name}.{key}: unknown key (any key of merge may be overridden)") from None
+            raise ValueError(f"methods.{name}.{key}: {first['msg']} (got {first.get('input')!r})") from None
 
     @property
     def arch(self) -> str:

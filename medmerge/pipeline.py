@@ -17,15 +17,23 @@ from medmerge.config import MergeSettings, TrainSettings
 from medmerge.data.loader import ArrayBatches, DeviceTransform
 from medmerge.data.prepare import load_split, read_meta
 from medmerge.device import Runtime
-from medmerge.merge.coefficients import initial_weights, resolve_normalizer
+from medmerge.merge.alignment import (
+    alignment_similarity,
+    apply_permutations,
+    permutation_spec,
+    weight_matching,
+)
+from medmerge.merge.coefficients import NORMALIZERS, initial_weights, resolve_normalizer
 from medmerge.merge.functional import KernelMerge
 from medmerge.metrics import classification_metrics
-from medmerge.models import create_model, data_config, head_keys, load_backbone
+from medmerge.models import backbone_state, create_model, data_config, head_keys, load_backbone
 from medmerge.train import (
     EpochResult,
     History,
     build_optimizer,
+    evaluate_loss_f1,
     fit,
+    fit_linear_probe,
     inverse_frequency_weights,
     predict,
     recalibrate_batchnorm,
@@ -89,13 +97,15 @@ def train_classifier(
     epochs: int | None = None,
     seed: int = 0,
     keep_head: bool = False,
+    linear_probe: bool = False,
     on_epoch: Callable[[EpochResult], None] | None = None,
     description: str = "train",
 ) -> tuple[nn.Module, History]:
     """A timm model for ``data``'s classes from ``init_state``, fully trained.
 
     The head is replaced by a new one for ``data``'s classes unless ``keep_head`` (then the state must fit
-    exactly, as a collapsed merged model does).
+    exactly, as a collapsed merged model does). With ``linear_probe`` the new head is first fitted on the
+    frozen backbone's features, then everything is fine-tuned (LP-FT, Kumar et al. 2022).
     """
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=data.num_classes)
@@ -105,11 +115,15 @@ def train_classifier(
         report = load_backbone(model, init_state)
         log.info("%s: loaded backbone, new head %s", description, report.missing)
     model = runtime.prepare(model)
+    transform = make_transform(arch, runtime, seed)
+    if linear_probe:
+        accuracy = fit_linear_probe(model, data.train, transform, data.num_classes, settings.class_weighted)
+        log.info("%s: linear probe fitted (train accuracy %.4f)", description, accuracy)
     optimizer = build_optimizer(
         settings.optimizer, [{"params": list(model.parameters()), "lr": settings.lr}], settings.weight_decay
     )
     history = fit(
-        model, optimizer, data.train, data.val, make_transform(arch, runtime, seed),
+        model, optimizer, data.train, data.val, transform,
         epochs=settings.epochs if epochs is None else epochs, num_classes=data.num_classes,
         augment=settings.augment, keep_best=settings.keep_best, on_epoch=on_epoch, description=description,
         class_weights=data.class_weights() if settings.class_weighted else None,
@@ -124,11 +138,26 @@ def build_kernel_merge(
     num_classes: int,
     settings: MergeSettings,
     seed: int = 0,
+    fixed_weights: Sequence[float] | None = None,
 ) -> KernelMerge:
-    """The functional merged model for ``settings`` (granularity, normalisation, anchor, initial weight)."""
+    """The functional merged model for ``settings`` (granularity, normalisation, anchor, initial weight).
+
+    With ``fixed_weights`` (one per source, summing to one) the merge is a plain weighted average: one
+    frozen coefficient per source (``average``, ``interpolate``). Without them it is MedMerge's learnable
+    blend, starting with ``settings.init_coefficient`` on the anchor.
+    """
     torch.manual_seed(seed)
     skeleton = create_model(arch, num_classes=num_classes)
     anchor = list(source_names).index(settings.anchor)
+    if fixed_weights is not None:
+        weights = torch.tensor(list(fixed_weights), dtype=torch.float32)
+        if len(weights) != len(sources) or abs(float(weights.sum()) - 1.0) > 1e-6 or bool((weights < 0).any()):
+            raise ValueError(f"fixed merge weights must be one non-negative weight per source summing to 1, "
+                             f"got {list(fixed_weights)}")
+        merge = KernelMerge(skeleton, sources, source_names, head_keys(skeleton), "model", NORMALIZERS["softmax"],
+                            weights)
+        merge.logits.requires_grad_(False)
+        return merge
     trainable = [settings.train_sources and i != anchor for i in range(len(sources))]
     return KernelMerge(
         skeleton,
@@ -215,3 +244,48 @@ def test_metrics(model: nn.Module, arch: str, data: TargetData, runtime: Runtime
 def model_state_cpu(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
+
+
+def validation_f1(model: nn.Module, arch: str, data: TargetData, runtime: Runtime) -> float:
+    """Macro F1 on the validation split."""
+    return evaluate_loss_f1(model, data.val, make_transform(arch, runtime), data.num_classes)[1]
+
+
+def align_sources(
+    arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str], anchor: str, seed: int = 0
+) -> tuple[list[dict[str, Tensor]], dict[str, dict[str, Tensor]], dict[str, dict[str, float]]]:
+    """Permute every non-anchor source's hidden units onto the anchor's (weight matching, Git Re-Basin).
+
+    The permutation structure comes from tracing the architecture (``medmerge.merge.alignment``); the
+    sources' own heads are left out (they classify different source tasks). Returns the aligned backbones,
+    the permutations per source (space -> index tensor) and, per source, the weight similarity to the anchor
+    before and after.
+    """
+    skeleton = create_model(arch, num_classes=2)
+    spec = permutation_spec(skeleton)
+    backbones = [backbone_state(state, skeleton) for state in sources]
+    reference = backbones[list(source_names).index(anchor)]
+    aligned, permutations, report = [], {}, {}
+    for name, state in zip(source_names, backbones, strict=True):
+        if name == anchor:
+            aligned.append(state)
+            continue
+        perms = weight_matching(spec, reference, state, seed=seed)
+        aligned.append(apply_permutations(spec, perms, state))
+        permutations[name] = perms
+        report[name] = {"similarity_before": alignment_similarity(spec, reference, state),
+                        "similarity_after": alignment_similarity(spec, reference, aligned[-1])}
+        log.info("aligned %s to %s: weight similarity %.4g -> %.4g", name, anchor,
+                 report[name]["similarity_before"], report[name]["similarity_after"])
+    return aligned, permutations, report
+
+
+def apply_saved_permutations(
+    arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str], permutations: dict[str, dict]
+) -> list[dict[str, Tensor]]:
+    """Re-apply permutations that :func:`align_sources` found (``collapse`` rebuilds the aligned sources)."""
+    skeleton = create_model(arch, num_classes=2)
+    spec = permutation_spec(skeleton)
+    return [apply_permutations(spec, permutations[name], backbone_state(state, skeleton))
+            if name in permutations else backbone_state(state, skeleton)
+            for name, state in zip(source_names, sources, strict=True)]

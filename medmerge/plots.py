@@ -21,7 +21,8 @@ def _save(fig: plt.Figure, path: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_layer_coefficients(summary: pd.DataFrame, source_names: Sequence[str], path: str | Path) -> None:
+def plot_layer_coefficients(summary: pd.DataFrame, source_names: Sequence[str], path: str | Path,
+                            title: str = "MedMerge: mean coefficient of each source per layer") -> None:
     """Mean coefficient of each source per layer, in network order (the layer-wise transfer pattern)."""
     by_layer = summary.groupby("layer", sort=False)[list(source_names)].mean()
     fig, ax = plt.subplots(figsize=(max(8, len(by_layer) * 0.08), 4))
@@ -32,7 +33,7 @@ def plot_layer_coefficients(summary: pd.DataFrame, source_names: Sequence[str], 
     ax.set_xlabel("layer (network order, input to output)")
     ax.set_ylabel("mean coefficient")
     ax.set_ylim(0, 1)
-    ax.set_title("MedMerge: mean coefficient of each source per layer")
+    ax.set_title(title)
     ax.legend()
     _save(fig, path)
 
@@ -52,18 +53,42 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
     _save(fig, path)
 
 
-def plot_comparison(metrics: dict[str, dict[str, float]], path: str | Path,
+def plot_comparison(summary: pd.DataFrame, path: str | Path,
                     keys: Sequence[str] = ("f1_macro", "balanced_accuracy", "accuracy", "auroc_macro")) -> None:
-    """Grouped bars: one group per metric, one bar per method."""
-    methods = list(metrics)
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(keys), 4))
+    """Grouped bars with ± std error bars: one group per metric, one bar per method (``report.summarize``)."""
+    methods = list(summary["method"])
+    fig, ax = plt.subplots(figsize=(2 + 0.5 * len(keys) * max(len(methods), 4), 4.5))
     width = 0.8 / max(len(methods), 1)
-    for i, method in enumerate(methods):
-        values = [metrics[method].get(k, np.nan) for k in keys]
-        bars = ax.bar(np.arange(len(keys)) + i * width, values, width, label=method)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(methods), 2)))
+    for i, row in enumerate(summary.itertuples(index=False)):
+        means = [getattr(row, f"{k}_mean") for k in keys]
+        stds = [getattr(row, f"{k}_std") for k in keys]
+        bars = ax.bar(np.arange(len(keys)) + i * width, means, width, yerr=stds, capsize=2,
+                      label=f"{row.method} (n={row.seeds})", color=colors[i])
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=4)
     ax.set_xticks(np.arange(len(keys)) + width * (len(methods) - 1) / 2, keys)
-    ax.set_ylim(0, 1.15)
-    ax.set_title("Target test split")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, 1.2)
+    ax.set_title("Target test split: mean ± std over seeds")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save(fig, path)
+
+
+def plot_layerwise(by_method: dict[str, pd.DataFrame], source_names: Sequence[str], path: str | Path) -> None:
+    """One panel per learned merge: each source's mean coefficient per layer, ± std over seeds shaded."""
+    count = max(len(by_method), 1)
+    fig, axes = plt.subplots(count, 1, figsize=(10, 2.6 * count), squeeze=False, sharex=False)
+    for ax, (method, frame) in zip(axes[:, 0], by_method.items(), strict=False):
+        x = frame["position"].to_numpy()
+        for name in source_names:
+            mean, std = frame[f"{name}_mean"].to_numpy(), frame[f"{name}_std"].to_numpy()
+            ax.plot(x, mean, label=name, linewidth=1.2)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.25)
+        ax.axhline(1.0 / len(source_names), color="grey", linestyle=":", linewidth=0.8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("mean coefficient")
+        ax.set_title(f"{method}: mean coefficient of each source per layer (input -> output)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    if not by_method:
+        axes[0, 0].text(0.5, 0.5, "no learned merge among methods", ha="center", va="center")
+    axes[-1, 0].set_xlabel("layer (network order, input to output)")
     _save(fig, path)

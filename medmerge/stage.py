@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import random
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +20,7 @@ import torch
 from medmerge import distributed
 from medmerge.config import ConfigError, Params, flatten, load_params
 from medmerge.device import Runtime, resolve_runtime
+from medmerge.io import atomic_directory
 
 if TYPE_CHECKING:
     from medmerge.pipeline import TargetData
@@ -27,12 +31,13 @@ log = logging.getLogger("medmerge.stage")
 def input_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's files or params: reported as one clear line, not a traceback."""
     from medmerge.data.npz import DataError
+    from medmerge.merge.alignment import AlignmentError
     from medmerge.merge.functional import SourceMismatchError
     from medmerge.models.checkpoint import CheckpointError
     from medmerge.models.factory import StateDictMismatchError
     from medmerge.models.origins import OriginError, WeightsUnavailableError
 
-    return (ConfigError, DataError, CheckpointError, SourceMismatchError, StateDictMismatchError, OriginError,
+    return (ConfigError, DataError, CheckpointError, SourceMismatchError, AlignmentError, StateDictMismatchError, OriginError,
             WeightsUnavailableError, FileNotFoundError)
 
 
@@ -99,14 +104,32 @@ def maybe_relaunch(params: Params, module: str, argv: Sequence[str]) -> None:
     raise SystemExit(subprocess.call(command, env=env))
 
 
-def stage_dataset(params: Params, dataset: str, batch_size: int, runtime: Runtime) -> TargetData:
-    """A prepared dataset's splits, batched with the loader settings of ``params.data``."""
+def stage_dataset(params: Params, dataset: str, batch_size: int, runtime: Runtime, seed: int | None = None
+                  ) -> TargetData:
+    """A prepared dataset's splits, batched with the loader settings of ``params.data``; the training split
+    is shuffled with ``seed`` (default ``data.seed``)."""
     from medmerge import layout
     from medmerge.pipeline import open_dataset
 
     pin = params.data.pin_memory == "on" or (params.data.pin_memory == "auto" and runtime.device.type == "cuda")
-    return open_dataset(layout.processed_dir(dataset), batch_size, params.evaluate.batch_size, params.data.seed,
-                        workers=params.data.loader_workers, pin_memory=pin)
+    return open_dataset(layout.processed_dir(dataset), batch_size, params.evaluate.batch_size,
+                        params.data.seed if seed is None else seed, workers=params.data.loader_workers,
+                        pin_memory=pin)
+
+
+@contextlib.contextmanager
+def stage_output(out_dir: Path) -> Iterator[Path]:
+    """Where a stage writes ``out_dir``: atomically replaced on success, in the main process only.
+
+    The other processes of a multi-process run compute the same results; they write to a scratch directory
+    that is thrown away.
+    """
+    if distributed.is_main():
+        with atomic_directory(out_dir) as temp:
+            yield temp
+    else:
+        with tempfile.TemporaryDirectory(prefix="medmerge-rank-") as scratch:
+            yield Path(scratch)
 
 
 def run(main: Callable[[], None]) -> None:

@@ -120,6 +120,13 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._mlflow.set_tags(dict(tags))
 
+    @contextlib.contextmanager
+    def child(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+        """A nested run under this one (the MLflow UI shows it below its parent), with the parent's tags."""
+        inherited = {k: v for k, v in self.run.data.tags.items() if not k.startswith("mlflow.")}
+        with self._mlflow.start_run(run_name=run_name, nested=True, tags={**inherited, **(tags or {})}) as run:
+            yield StageRun(self._mlflow, run)
+
 
 class NullRun:
     """What ``stage_run`` gives the non-main processes of a multi-process run: every call does nothing,
@@ -141,6 +148,10 @@ class NullRun:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
+
+    @contextlib.contextmanager
+    def child(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[NullRun]:
+        yield self
 
 
 @contextlib.contextmanager

@@ -184,3 +184,52 @@ def recalibrate_batchnorm(model: nn.Module, batches: ArrayBatches, transform: De
         m.momentum = momentum
     model.eval()
     return len(norms)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, batches: ArrayBatches, transform: DeviceTransform) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled features a timm model's classifier sees (``forward_head(pre_logits=True)``), and labels."""
+    model.eval()
+    features, labels = [], []
+    for images, targets in batches:
+        with transform.runtime.autocast():
+            pooled = model.forward_head(model.forward_features(transform(images)), pre_logits=True)
+        features.append(pooled.float().cpu().numpy())
+        labels.append(targets.numpy())
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def fit_linear_probe(
+    model: nn.Module,
+    train: ArrayBatches,
+    transform: DeviceTransform,
+    num_classes: int,
+    class_weighted: bool = False,
+) -> float:
+    """Set ``model``'s classifier to a logistic regression fitted on its frozen features (the "LP" of LP-FT).
+
+    L-BFGS on the features of every training image (no augmentation), as in Kumar et al. (2022). Returns the
+    probe's training accuracy. The backbone, including BatchNorm statistics, is untouched.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    in_order = ArrayBatches(train.images, train.labels, batch_size=max(train.batch_size, 64))
+    features, labels = extract_features(model, in_order, transform)
+    probe = LogisticRegression(max_iter=2000, class_weight="balanced" if class_weighted else None)
+    probe.fit(features, labels)
+    weight = np.zeros((num_classes, features.shape[1]), dtype=np.float32)
+    bias = np.zeros(num_classes, dtype=np.float32)
+    seen = probe.classes_.astype(int)
+    if len(seen) == 2:  # binary: one decision function w.x + b for the second class; split it symmetrically
+        weight[seen[1]], weight[seen[0]] = probe.coef_[0] / 2, -probe.coef_[0] / 2
+        bias[seen[1]], bias[seen[0]] = probe.intercept_[0] / 2, -probe.intercept_[0] / 2
+    else:
+        weight[seen], bias[seen] = probe.coef_, probe.intercept_
+        bias[np.setdiff1d(np.arange(num_classes), seen)] = -1e4  # a class absent from training is never predicted
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"a linear probe needs a Linear classifier, got {type(head).__name__}")
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight).to(head.weight))
+        head.bias.copy_(torch.from_numpy(bias).to(head.bias))
+    return float(probe.score(features, labels))

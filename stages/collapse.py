@@ -1,34 +1,58 @@
-"""Stage collapse: apply the learned coefficients once -> models/merged/, an ordinary timm checkpoint.
+"""Stage collapse@<method>: apply each seed's coefficients once -> models/merged/<method>/seed_<n>/.
 
-It loads with ``timm.create_model(arch, num_classes=K)`` and ``load_state_dict(strict=True)``; its
-BatchNorm running statistics are recalibrated on the target training set (``merge.bn_recalibration``).
+Each is an ordinary timm checkpoint: it loads with ``timm.create_model(arch, num_classes=K)`` and
+``load_state_dict(strict=True)``. BatchNorm running statistics are recalibrated on the target training
+split when ``merge.bn_recalibration`` (per method) is on.
 """
+
+import argparse
 
 from safetensors.torch import load_file
 
 from medmerge import layout
 from medmerge.io import read_json
+from medmerge.methods import rebuild_merge
 from medmerge.models import load_model_dir, save_model_dir
-from medmerge.pipeline import build_kernel_merge, collapse, model_state_cpu, restore_merge_state
-from medmerge.stage import run, seed_everything, stage_dataset, stage_params, stage_runtime
+from medmerge.pipeline import apply_saved_permutations, collapse, model_state_cpu, restore_merge_state
+from medmerge.stage import run, seed_everything, stage_dataset, stage_output, stage_params, stage_runtime
+
+
+def nested_permutations(flat: dict) -> dict:
+    """Inverse of ``stages.learn_weights.flat_permutations``: ``<source>/<space>`` -> ``{source: {space: perm}}``."""
+    nested: dict = {}
+    for key, perm in flat.items():
+        source, space = key.split("/", 1)
+        nested.setdefault(source, {})[space] = perm
+    return nested
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("method", help="a key of params.yaml methods")
+    args = parser.parse_args()
     params, _ = stage_params()
-    seed_everything(params.data.seed)
-    info = read_json(layout.MERGE / "merge.json")
+    settings = params.method(args.method)
     runtime = stage_runtime(params)
-    data = stage_dataset(params, params.data.target, params.evaluate.batch_size, runtime)
-    source_dir = layout.SOURCE_STAGES[info["sources_from"]]
-    sources = [load_model_dir(source_dir / name)[0] for name in info["sources"]]
-    merge = build_kernel_merge(info["arch"], sources, info["sources"], info["num_classes"], params.merge)
-    restore_merge_state(merge, load_file(layout.MERGE / "merge_state.safetensors"))
-    recalibrate_on = data if params.merge.bn_recalibration else None
-    model = collapse(merge, info["arch"], info["num_classes"], recalibrate_on, runtime, seed=params.data.seed)
-    card = {"arch": info["arch"], "num_classes": info["num_classes"], "classes": info["classes"],
-            "task": params.data.target, "stage": "collapse", "method": "medmerge", "sources": info["sources"],
-            "bn_recalibrated": params.merge.bn_recalibration}
-    save_model_dir(layout.MERGED, model_state_cpu(model), card)
+    with stage_output(layout.MERGED / args.method) as out:
+        for seed in params.seeds:
+            seed_everything(seed)
+            merge_dir = layout.seed_dir(layout.MERGE / args.method, seed)
+            info = read_json(merge_dir / "merge.json")
+            data = stage_dataset(params, params.data.target, params.evaluate.batch_size, runtime, seed=seed)
+            sources = [load_model_dir(layout.source_dir(info["sources_from"], name, seed))[0]
+                       for name in info["sources"]]
+            if (merge_dir / "permutations.safetensors").is_file():
+                permutations = nested_permutations(load_file(merge_dir / "permutations.safetensors"))
+                sources = apply_saved_permutations(info["arch"], sources, info["sources"], permutations)
+            merge = rebuild_merge(info["arch"], sources, info["sources"], info["num_classes"], settings)
+            restore_merge_state(merge, load_file(merge_dir / "merge_state.safetensors"))
+            recalibrate_on = data if settings.bn_recalibration else None
+            model = collapse(merge, info["arch"], info["num_classes"], recalibrate_on, runtime, seed=seed)
+            card = {"arch": info["arch"], "num_classes": info["num_classes"], "classes": info["classes"],
+                    "task": params.data.target, "stage": "collapse", "method": args.method,
+                    "merge_method": settings.method, "sources": info["sources"], "seed": seed,
+                    "align": info["align"], "bn_recalibrated": settings.bn_recalibration}
+            save_model_dir(layout.seed_dir(out, seed), model_state_cpu(model), card)
 
 
 if __name__ == "__main__":

@@ -1,59 +1,94 @@
-"""Stage learn_weights: MedMerge's per-kernel coefficients learned on the target task.
+"""Stage learn_weights@<method>: one compared merge's coefficients and head, per seed.
 
-Reads the sources from models/<merge.sources_from>/<source>/ and the prepared target data; writes
-models/merge/: coefficients.safetensors (normalised weight of each source per coefficient group),
-merge_state.safetensors (logits, new head, BN buffers: what collapse needs besides the sources),
-layers.csv + layers.png (mean coefficient of each source per layer) and merge.json.
+Reads the sources (models/<merge.sources_from>/...) and the prepared target data; runs ``methods.<method>``
+(average, interpolate or medmerge at its granularity; aligned first if ``align: weight_matching``) and
+writes models/merge/<method>/seed_<n>/: coefficients.safetensors (normalised weight of each source per
+coefficient group), merge_state.safetensors (logits, head, BN buffers: what collapse needs besides the
+sources), permutations.safetensors (when aligned), layers.csv + layers.png (mean coefficient of each
+source per layer) and merge.json.
 """
 
+import argparse
 import sys
 
 from safetensors.torch import save_file
 
 from medmerge import distributed, layout
-from medmerge.io import atomic_directory, write_json
+from medmerge.io import write_json
+from medmerge.methods import MergeInputs, run_merge_method
 from medmerge.models import load_model_dir
-from medmerge.pipeline import build_kernel_merge, learn_kernel_weights, merge_state_to_save
+from medmerge.pipeline import align_sources, merge_state_to_save
 from medmerge.plots import plot_layer_coefficients
-from medmerge.stage import maybe_relaunch, run, seed_everything, stage_dataset, stage_params, stage_runtime
+from medmerge.stage import (
+    maybe_relaunch,
+    run,
+    seed_everything,
+    stage_dataset,
+    stage_output,
+    stage_params,
+    stage_runtime,
+)
 from medmerge.tracking import stage_run
 
 
+def flat_permutations(permutations: dict) -> dict:
+    """``{source: {space: perm}}`` as safetensors keys ``<source>/<space>``."""
+    return {f"{source}/{space}": perm.contiguous() for source, perms in permutations.items()
+            for space, perm in perms.items()}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("method", help="a key of params.yaml methods")
+    args = parser.parse_args()
     params, flat = stage_params()
-    settings, names = params.merge, params.source_names
+    settings, names = params.method(args.method), params.source_names
     maybe_relaunch(params, "stages.learn_weights", sys.argv[1:])  # device.processes > 1: rerun under torchrun
-    seed_everything(params.data.seed)
     runtime = stage_runtime(params)
-    data = stage_dataset(params, params.data.target, settings.batch_size, runtime)
-    source_dir = layout.SOURCE_STAGES[settings.sources_from]
-    sources = [load_model_dir(source_dir / name)[0] for name in names]
-    merge = build_kernel_merge(params.arch, sources, names, data.num_classes, settings, seed=params.data.seed)
-    with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
-                   run_name="learn kernel weights", tags={"method": "medmerge"}) as tracker:
-        history = learn_kernel_weights(merge, params.arch, data, settings, runtime, seed=params.data.seed,
-                                       on_epoch=tracker.log_epoch)
-        if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them
-            return
-        merge = merge.cpu()
-        summary = merge.layer_summary()
-        means = merge.source_means()
-        with atomic_directory(layout.MERGE) as out:
-            save_file(merge.coefficient_tensors(), out / "coefficients.safetensors",
-                      metadata={"sources": ",".join(names), "granularity": settings.granularity})
-            save_file(merge_state_to_save(merge), out / "merge_state.safetensors")
-            summary.to_csv(out / "layers.csv", index=False)
-            plot_layer_coefficients(summary, names, out / "layers.png")
-            write_json(out / "merge.json", {
-                "arch": params.arch, "sources": names, "sources_from": settings.sources_from,
-                "classes": data.classes, "num_classes": data.num_classes, "granularity": settings.granularity,
-                "normalization": merge.normalizer.name, "anchor": settings.anchor,
-                "train_sources": settings.train_sources, "best_epoch": history.best_epoch,
-                "best_val_f1_macro": history.best_val_f1, "mean_coefficient": means,
-            })
-        tracker.log_metrics({f"coef_mean.{name}": value for name, value in means.items()})
-        tracker.log_metrics({"best_val_f1_macro": history.best_val_f1})
-        tracker.log_artifacts(layout.MERGE, artifact_path="coefficients")
+    with stage_output(layout.MERGE / args.method) as out:
+        for seed in params.seeds:
+            seed_everything(seed)
+            data = stage_dataset(params, params.data.target, settings.batch_size, runtime, seed=seed)
+            sources = [load_model_dir(layout.source_dir(settings.sources_from, name, seed))[0] for name in names]
+            permutations, alignment = {}, {}
+            if settings.align == "weight_matching":
+                sources, permutations, alignment = align_sources(params.arch, sources, names, settings.anchor)
+            tags = {"method": args.method, "merge_method": settings.method, "seed": str(seed),
+                    "granularity": settings.granularity, "align": settings.align}
+            with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
+                           run_name=f"{args.method} seed {seed}", tags=tags) as tracker:
+                result = run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed,
+                                                      on_epoch=tracker.log_epoch))
+                if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them
+                    continue
+                merge = result.merge.cpu()
+                summary, means = merge.layer_summary(), merge.source_means()
+                seed_out = layout.seed_dir(out, seed)
+                seed_out.mkdir(parents=True)
+                save_file(merge.coefficient_tensors(), seed_out / "coefficients.safetensors",
+                          metadata={"sources": ",".join(names), "method": settings.method,
+                                    "granularity": merge.granularity})
+                save_file(merge_state_to_save(merge), seed_out / "merge_state.safetensors")
+                if permutations:
+                    save_file(flat_permutations(permutations), seed_out / "permutations.safetensors")
+                summary.to_csv(seed_out / "layers.csv", index=False)
+                plot_layer_coefficients(summary, names, seed_out / "layers.png",
+                                        title=f"{args.method} (seed {seed}): mean coefficient per layer")
+                write_json(seed_out / "merge.json", {
+                    "name": args.method, "method": settings.method, "seed": seed, "arch": params.arch,
+                    "sources": names, "sources_from": settings.sources_from, "classes": data.classes,
+                    "num_classes": data.num_classes, "granularity": merge.granularity,
+                    "normalization": merge.normalizer.name, "anchor": settings.anchor, "align": settings.align,
+                    "alignment": alignment, "train_sources": settings.train_sources,
+                    "best_val_f1_macro": result.val_f1, "mean_coefficient": means, **result.details,
+                })
+                tracker.log_metrics({f"coef_mean.{name}": value for name, value in means.items()})
+                tracker.log_metrics({"best_val_f1_macro": result.val_f1})
+                if "alpha" in result.details:
+                    tracker.log_metrics({"alpha": result.details["alpha"]})
+                for name, report in alignment.items():
+                    tracker.log_metrics({f"align.{name}.{key}": value for key, value in report.items()})
+                tracker.log_artifacts(seed_out, artifact_path="coefficients")
 
 
 if __name__ == "__main__":
