@@ -33,9 +33,15 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=enabled)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` on the device; with ``channels_last`` every 4-D parameter and buffer (conv kernels) in
+        that layout. Tensors of other ranks are left as they are: ``Module.to(memory_format=...)`` would
+        refuse a merge's 5-D per-kernel coefficients."""
         model = model.to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    if tensor.dim() == 4:
+                        tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
         return model
 
 
