@@ -55,21 +55,23 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
 
 def plot_comparison(summary: pd.DataFrame, path: str | Path,
                     keys: Sequence[str] = ("f1_macro", "balanced_accuracy", "accuracy", "auroc_macro")) -> None:
-    """Grouped bars with ± std error bars: one group per metric, one bar per method (``report.summarize``)."""
+    """One panel per metric, one horizontal bar per method (``report.summarize``) with ± std over seeds."""
     methods = list(summary["method"])
-    fig, ax = plt.subplots(figsize=(2 + 0.5 * len(keys) * max(len(methods), 4), 4.5))
-    width = 0.8 / max(len(methods), 1)
-    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(methods), 2)))
-    for i, row in enumerate(summary.itertuples(index=False)):
-        means = [getattr(row, f"{k}_mean") for k in keys]
-        stds = [getattr(row, f"{k}_std") for k in keys]
-        bars = ax.bar(np.arange(len(keys)) + i * width, means, width, yerr=stds, capsize=2,
-                      label=f"{row.method} (n={row.seeds})", color=colors[i])
-        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=4)
-    ax.set_xticks(np.arange(len(keys)) + width * (len(methods) - 1) / 2, keys)
-    ax.set_ylim(0, 1.2)
-    ax.set_title("Target test split: mean ± std over seeds")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys) + 1.5, 0.32 * len(methods) + 1.3),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(methods))[::-1]
+    for ax, key in zip(axes[0], keys, strict=True):
+        means, stds = summary[f"{key}_mean"].to_numpy(), summary[f"{key}_std"].to_numpy()
+        bars = ax.barh(y, means, xerr=stds, capsize=2, color=plt.get_cmap("tab10")(0), alpha=0.8)
+        for position, mean, std in zip(y, means, stds, strict=True):
+            ax.text(min(mean + std, 1.0) + 0.01, position, f"{mean:.3f}±{std:.3f}", va="center", fontsize=6)
+        bars[int(np.nanargmax(means))].set_color(plt.get_cmap("tab10")(1))
+        ax.set_xlim(0, 1.25)
+        ax.set_title(key, fontsize=9)
+        ax.grid(axis="x", linewidth=0.3)
+    labels = [f"{m} (n={n})" for m, n in zip(methods, summary["seeds"], strict=True)]
+    axes[0, 0].set_yticks(y, labels, fontsize=7)
+    fig.suptitle("Target test split: mean ± std over seeds (best mean highlighted)", fontsize=10)
     _save(fig, path)
 
 

@@ -86,3 +86,43 @@ def test_flatten_uses_the_dotted_names_of_params_yaml(raw: dict) -> None:
     assert flat["merge.lr"] == raw["merge"]["lr"]
     assert flat["sources.imagenet.arch"] == "tf_efficientnet_lite0"
     assert flat["data.datasets.lesions.options.n_train"] == raw["data"]["datasets"]["lesions"]["options"]["n_train"]
+
+
+def test_methods_inherit_merge_and_override_by_entry(raw: dict) -> None:
+    params = parse_params(raw)
+    assert params.seeds == [0, 1, 2] and params.baselines == ["ft", "lpft"]
+    aligned = params.method("medmerge_aligned")
+    assert aligned.align == "weight_matching" and aligned.lr == params.merge.lr
+    assert params.method("interpolate").method == "interpolate"
+    with pytest.raises(ConfigError, match=r"unknown merge 'nope'; params.yaml methods are \['average'"):
+        params.method("nope")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["methods"].update(x={"method": "medmerge", "lrr": 1}),
+         r"methods\.x\.lrr: unknown key \(any key of merge may be overridden\)"),
+        (lambda r: r["methods"].update(x={"method": "sum"}), r"methods\.x\.method: Input should be 'average'"),
+        (lambda r: r["methods"].update(x={"method": "medmerge", "align": "git"}), r"methods\.x\.align: Input should be"),
+        (lambda r: r["merge"].update(alphas=[0.5, 1.5]), r"merge\.alphas: .*weights in \[0, 1\]"),
+        (lambda r: r.update(seeds=[0, 0]), r"seeds: each seed once"),
+        (lambda r: r.update(seeds=[]), r"seeds: .*at least 1"),
+        (lambda r: r.update(baselines=["ft", "probe"]), r"baselines\.1: Input should be 'ft' or 'lpft'"),
+        (lambda r: r.update(methods={}), r"methods: name at least one merge"),
+        (lambda r: r["merge"].update(sources_from="lpft") or r.update(baselines=["ft"]),
+         r"merge\.sources_from 'lpft' is not one of baselines"),
+    ],
+)
+def test_bad_methods_seeds_and_baselines_are_named(raw: dict, edit, message) -> None:
+    edit(raw)
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+def test_interpolate_needs_exactly_two_sources(raw: dict) -> None:
+    raw["sources"]["third"] = dict(raw["sources"]["scratch"])
+    with pytest.raises(ConfigError, match=r"methods\.interpolate: method 'interpolate' needs exactly two sources"):
+        parse_params(raw)
+    del raw["methods"]["interpolate"]
+    assert parse_params(raw).method("average").method == "average"

@@ -23,9 +23,14 @@ def tiny_params() -> dict:
         dataset["options"].update(sizes)
     for section in ("pretrain", "finetune"):
         params[section].update(epochs=1, batch_size=16)
-    params["merge"].update(epochs=1, batch_size=16, finetune_epochs=1)
+    params["merge"].update(epochs=1, batch_size=16, finetune_epochs=1, alphas=[0.0, 0.5, 1.0])
+    params["seeds"] = [0, 1]
     params["evaluate"]["batch_size"] = 64
     return params
+
+
+MERGES = ("average", "interpolate", "medmerge", "medmerge_aligned")
+BASELINES = ("ft_imagenet", "ft_scratch", "lpft_imagenet", "lpft_scratch")
 
 
 @pytest.fixture(scope="module")
@@ -49,45 +54,83 @@ def runs(root: Path) -> list:
     return client.search_runs([experiment.experiment_id], max_results=500)
 
 
-def test_repro_writes_metrics_for_every_method(repo) -> None:
+def test_repro_writes_the_comparison_of_every_method_over_seeds(repo) -> None:
+    import pandas as pd
+
     root, _ = repo
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
-    assert set(metrics) == {"ft_imagenet", "ft_scratch", "medmerge_collapsed", "medmerge"}
+    assert set(metrics) == {*BASELINES, *MERGES, *(f"{m}_collapsed" for m in MERGES)}
     for method, values in metrics.items():
         assert 0.0 <= values["f1_macro"] <= 1.0, method
-        assert {"accuracy", "balanced_accuracy", "auroc_macro"} <= set(values)
-    for png in ["reports/comparison.png", "reports/confusion/medmerge.png", "models/merge/layers.png"]:
+        assert {"accuracy", "balanced_accuracy", "auroc_macro", "f1_macro_std"} <= set(values)
+    per_seed = pd.read_csv(root / "reports/per_seed.csv")
+    assert sorted(per_seed["seed"].unique()) == [0, 1] and len(per_seed) == 2 * len(metrics)
+    table = pd.read_csv(root / "reports/comparison.csv").set_index("method")
+    for method in metrics:  # the table's mean and std are those of the per-seed results
+        values = per_seed.loc[per_seed["method"] == method, "f1_macro"]
+        assert table.loc[method, "f1_macro_mean"] == pytest.approx(values.mean())
+        assert table.loc[method, "f1_macro_std"] == pytest.approx(values.std(ddof=1))
+        assert table.loc[method, "seeds"] == 2
+    markdown = (root / "reports/comparison.md").read_text()
+    assert all(f"| {method} |" in markdown for method in metrics) and " ± " in markdown
+    for png in ["reports/comparison.png", "reports/layerwise.png", "reports/confusion/medmerge.png",
+                "models/merge/medmerge/seed_1/layers.png"]:
         assert (root / png).read_bytes()[:4] == b"\x89PNG", png
-    card = json.loads((root / "models/merged/card.json").read_text())
+    layerwise = pd.read_csv(root / "reports/layerwise.csv")
+    assert set(layerwise["method"]) == {"medmerge", "medmerge_aligned"}  # the learned merges
+    card = json.loads((root / "models/merged/medmerge/seed_0/card.json").read_text())
     assert card["arch"] == "tf_efficientnet_lite0" and card["bn_recalibrated"] is True
+    interpolate = json.loads((root / "models/merge/interpolate/seed_0/merge.json").read_text())
+    scores = interpolate["val_f1_by_alpha"]
+    assert set(scores) == {"0.0", "0.5", "1.0"} and scores[str(interpolate["alpha"])] == max(scores.values())
+    aligned = json.loads((root / "models/merge/medmerge_aligned/seed_0/merge.json").read_text())
+    assert aligned["align"] == "weight_matching" and set(aligned["alignment"]) == {"scratch"}
+    assert (root / "models/merge/medmerge_aligned/seed_0/permutations.safetensors").is_file()
+    assert not (root / "models/merge/medmerge/seed_0/permutations.safetensors").exists()
 
 
-def test_collapsed_checkpoint_loads_strictly_into_timm(repo) -> None:
+def test_collapsed_checkpoints_load_strictly_into_timm(repo) -> None:
     import timm
     from safetensors.torch import load_file
 
     root, _ = repo
-    card = json.loads((root / "models/merged/card.json").read_text())
-    model = timm.create_model(card["arch"], num_classes=card["num_classes"])
-    model.load_state_dict(load_file(root / "models/merged/weights.safetensors"), strict=True)
+    for method in MERGES:
+        for stage in ("merged", "merged_ft"):
+            model_dir = root / f"models/{stage}/{method}/seed_1"
+            card = json.loads((model_dir / "card.json").read_text())
+            model = timm.create_model(card["arch"], num_classes=card["num_classes"])
+            model.load_state_dict(load_file(model_dir / "weights.safetensors"), strict=True)
 
 
-def test_mlflow_holds_stage_runs_with_f1_and_coefficients(repo) -> None:
+def test_mlflow_holds_every_method_with_f1_and_coefficients(repo) -> None:
     root, _ = repo
+    client = mlflow_client(root)
     by_stage: dict[str, list] = {}
     for item in runs(root):
         by_stage.setdefault(item.data.tags.get("stage"), []).append(item)
-    assert {"pretrain", "finetune", "learn_weights", "evaluate"} <= set(by_stage)
+    assert {"pretrain", "ft", "lpft", "learn_weights", "finetune_merged", "evaluate"} <= set(by_stage)
     evaluate = by_stage["evaluate"][0]
-    assert "medmerge.f1_macro" in evaluate.data.metrics and "ft_imagenet.f1_macro" in evaluate.data.metrics
+    assert "medmerge.f1_macro" in evaluate.data.metrics and "ft_imagenet.f1_macro_std" in evaluate.data.metrics
     assert evaluate.data.params["merge.lr"] == str(tiny_params()["merge"]["lr"])
     assert evaluate.data.tags["dvc_exp_name"] == "workspace"
     assert len(evaluate.data.tags["git_commit"]) == 40
-    learn = by_stage["learn_weights"][0]
-    assert "coef_mean.imagenet" in learn.data.metrics and "val_f1_macro" in learn.data.metrics
-    artifacts = {a.path for a in mlflow_client(root).list_artifacts(learn.info.run_id, "coefficients")}
-    assert "coefficients/coefficients.safetensors" in artifacts and "coefficients/layers.csv" in artifacts
-    history = mlflow_client(root).get_metric_history(by_stage["finetune"][0].info.run_id, "val_f1_macro")
+    reports = {a.path for a in client.list_artifacts(evaluate.info.run_id, "reports")}
+    assert {"reports/comparison.md", "reports/comparison.csv", "reports/layerwise.png"} <= reports
+    children = {r.data.tags["method"]: r for r in by_stage["evaluate_method"]
+                if r.data.tags.get("mlflow.parentRunId") == evaluate.info.run_id}
+    assert set(children) == set(json.loads((root / "reports/metrics.json").read_text()))
+    seeds = client.get_metric_history(children["medmerge"].info.run_id, "f1_macro")
+    assert sorted(m.step for m in seeds) == [0, 1]  # one test F1 per seed, the seed as the step
+    learned = {(r.data.tags["method"], r.data.tags["seed"]): r for r in by_stage["learn_weights"]}
+    assert set(learned) == {(m, s) for m in MERGES for s in ("0", "1")}
+    for method in ("medmerge", "medmerge_aligned", "average"):
+        run_ = learned[(method, "0")]
+        assert "coef_mean.imagenet" in run_.data.metrics and "best_val_f1_macro" in run_.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(run_.info.run_id, "coefficients")}
+        assert "coefficients/coefficients.safetensors" in artifacts and "coefficients/layers.csv" in artifacts
+    assert "alpha" in learned[("interpolate", "0")].data.metrics
+    assert "align.scratch.similarity_after" in learned[("medmerge_aligned", "1")].data.metrics
+    history = client.get_metric_history(by_stage["ft"][0].info.run_id, "val_f1_macro")
     assert [m.step for m in history] == [1]
 
 
@@ -103,8 +146,8 @@ def test_exp_run_reruns_only_the_merge_stages_and_logs_the_new_lr(repo) -> None:
     run(["git", "commit", "-qm", "lock"], root, env)
     result = run(["dvc", "exp", "run", "--temp", "-n", "lr-sweep", "-S", "merge.lr=0.003"], root, env)
     output = result.stdout + result.stderr
-    assert "Running stage 'learn_weights'" in output
-    for skipped in ("pretrain@imagenet", "finetune@scratch", "prepare@lesions"):
+    assert "Running stage 'learn_weights@medmerge'" in output
+    for skipped in ("pretrain@imagenet", "baseline@ft-scratch", "baseline@lpft-imagenet", "prepare@lesions"):
         assert f"Running stage '{skipped}'" not in output, skipped
     evaluate = [r for r in runs(root) if r.data.tags.get("stage") == "evaluate" and r.data.params["merge.lr"] == "0.003"]
     assert len(evaluate) == 1, "the temporary experiment's evaluate run did not reach the repository's store"
@@ -123,17 +166,19 @@ def test_bad_params_key_stops_the_stage_with_a_clear_message(repo) -> None:
     (bad / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copytree(root / "stages", bad / "stages")
     shutil.copytree(root / "medmerge", bad / "medmerge")
-    result = run([sys.executable, "-m", "stages.learn_weights"], bad, env, check=False)
+    result = run([sys.executable, "-m", "stages.learn_weights", "medmerge"], bad, env, check=False)
     assert result.returncode == 1
     assert "params.yaml" in result.stderr and "merge.lrr: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_queued_experiments_run_in_parallel_into_one_store(repo) -> None:
-    """`dvc exp run --queue` twice, then `dvc queue start -j 2`: both experiments' runs land in the store."""
+    """`dvc exp run --queue` twice, then `dvc queue start -j 2`: both experiments' runs land in the store.
+
+    The sweep sets one compared merge's own learning rate (``methods.medmerge.lr``), the per-method override."""
     root, env = repo
     for lr in ("0.02", "0.04"):
-        run(["dvc", "exp", "run", "--queue", "-n", f"queued-{lr}", "-S", f"merge.lr={lr}"], root, env)
+        run(["dvc", "exp", "run", "--queue", "-n", f"queued-{lr}", "-S", f"+methods.medmerge.lr={lr}"], root, env)
     run(["dvc", "queue", "start", "-j", "2"], root, env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -142,8 +187,12 @@ def test_queued_experiments_run_in_parallel_into_one_store(repo) -> None:
             break
         time.sleep(3)
     assert "Failed" not in status, status + run(["dvc", "queue", "logs", "queued-0.02"], root, env, check=False).stdout
-    evaluated = {r.data.params["merge.lr"]: r for r in runs(root) if r.data.tags.get("stage") == "evaluate"}
+    evaluated = {r.data.params.get("methods.medmerge.lr"): r for r in runs(root)
+                 if r.data.tags.get("stage") == "evaluate"}
     for lr in ("0.02", "0.04"):
-        assert lr in evaluated, f"queued experiment merge.lr={lr} has no evaluate run in the store: {status}"
+        assert lr in evaluated, f"queued experiment methods.medmerge.lr={lr} has no evaluate run in the store: {status}"
         assert evaluated[lr].data.tags["dvc_exp_name"] == f"queued-{lr}"
         assert "medmerge.f1_macro" in evaluated[lr].data.metrics
+    learned = [r for r in runs(root) if r.data.tags.get("stage") == "learn_weights"
+               and r.data.tags.get("dvc_exp_name") == "queued-0.02"]
+    assert {r.data.tags["method"] for r in learned} == {"medmerge"}, "only the swept merge should rerun"

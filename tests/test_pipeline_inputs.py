@@ -167,6 +167,9 @@ def input_params(inputs: dict, url_sha256: str | None = None) -> dict:
     for section in ("pretrain", "finetune"):
         params[section].update(epochs=1, batch_size=8)
     params["merge"].update(anchor="a", normalization="auto", epochs=1, batch_size=8, finetune_epochs=1)
+    params["seeds"], params["baselines"] = [0], ["ft"]
+    params["methods"] = {"average": {"method": "average"}, "medmerge": {"method": "medmerge"},
+                         "medmerge_aligned": {"method": "medmerge", "align": "weight_matching"}}
     params["evaluate"]["batch_size"] = 64
     return params
 
@@ -186,20 +189,28 @@ def test_repro_runs_every_dataset_and_weight_origin(repo, inputs) -> None:
     from safetensors.torch import load_file
 
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    assert set(metrics) == {"ft_a", "ft_b", "ft_c", "medmerge", "medmerge_collapsed"}
+    merges = ("average", "medmerge", "medmerge_aligned")
+    assert set(metrics) == {"ft_a", "ft_b", "ft_c", *merges, *(f"{m}_collapsed" for m in merges)}
     for method, values in metrics.items():
         assert 0.0 <= values["f1_macro"] <= 1.0, method
 
-    coefficients = repo / "models/merge/coefficients.safetensors"
-    with safe_open(str(coefficients), "pt") as f:
-        assert f.metadata()["sources"] == "a,b,c"
-    weights = load_file(coefficients)
-    assert weights
-    for group, w in weights.items():
-        assert w.shape[0] == 3, group
-        assert np.allclose(w.sum(0).numpy(), 1.0, atol=1e-5), group
-    merge = json.loads((repo / "models/merge/merge.json").read_text())
-    assert merge["normalization"] == "softmax" and merge["anchor"] == "a" and merge["classes"] == DERM_CLASSES
+    for method in ("medmerge", "medmerge_aligned"):  # three sources: softmax across them, per kernel
+        coefficients = repo / f"models/merge/{method}/seed_0/coefficients.safetensors"
+        with safe_open(str(coefficients), "pt") as f:
+            assert f.metadata()["sources"] == "a,b,c"
+        weights = load_file(coefficients)
+        assert weights
+        for group, w in weights.items():
+            assert w.shape[0] == 3, group
+            assert np.allclose(w.sum(0).numpy(), 1.0, atol=1e-5), group
+        merge = json.loads((repo / f"models/merge/{method}/seed_0/merge.json").read_text())
+        assert merge["normalization"] == "softmax" and merge["anchor"] == "a" and merge["classes"] == DERM_CLASSES
+    aligned = json.loads((repo / "models/merge/medmerge_aligned/seed_0/merge.json").read_text())["alignment"]
+    assert set(aligned) == {"b", "c"}  # every non-anchor source permuted onto the anchor
+    for report in aligned.values():
+        assert report["similarity_after"] >= report["similarity_before"]
+    average = load_file(repo / "models/merge/average/seed_0/coefficients.safetensors")
+    assert np.allclose(average["model"].numpy(), 1 / 3)
 
     meta = {name: json.loads((repo / f"data/processed/{name}/meta.json").read_text())
             for name in ("derm", "folder", "arrays", "mnist")}  # fmt: skip
