@@ -23,7 +23,7 @@ repo:
 
 demo: install repo
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	@cat reports/comparison.md
 
 repro:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
@@ -45,5 +45,5 @@ benchmark: install
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf data/raw data/processed models/sources models/pretrained models/finetuned models/merge \
-	  models/merged models/merged_ft reports
+	rm -rf data/raw data/processed models/sources models/pretrained models/ft models/lpft models/merge \
+	  models/merged models/merged_ft reports/per_class.json reports/per_seed.csv reports/confusion reports/layerwise.csv

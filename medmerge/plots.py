@@ -76,19 +76,21 @@ def plot_comparison(summary: pd.DataFrame, path: str | Path,
 
 
 def plot_layerwise(by_method: dict[str, pd.DataFrame], source_names: Sequence[str], path: str | Path) -> None:
-    """One panel per learned merge: each source's mean coefficient per layer, ± std over seeds shaded."""
+    """One panel per learned merge: each source's mean coefficient per layer (averaged over seeds), shaded
+    ± the spread of the coefficients across the layer's kernels (``report.layerwise``)."""
     count = max(len(by_method), 1)
     fig, axes = plt.subplots(count, 1, figsize=(10, 2.6 * count), squeeze=False, sharex=False)
     for ax, (method, frame) in zip(axes[:, 0], by_method.items(), strict=False):
         x = frame["position"].to_numpy()
         for name in source_names:
-            mean, std = frame[f"{name}_mean"].to_numpy(), frame[f"{name}_std"].to_numpy()
+            mean, spread = frame[f"{name}_mean"].to_numpy(), frame[f"{name}_kernel_std"].to_numpy()
             ax.plot(x, mean, label=name, linewidth=1.2)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.25)
+            ax.fill_between(x, mean - spread, mean + spread, alpha=0.2)
         ax.axhline(1.0 / len(source_names), color="grey", linestyle=":", linewidth=0.8)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("mean coefficient")
-        ax.set_title(f"{method}: mean coefficient of each source per layer (input -> output)", fontsize=9)
+        ax.set_ylabel("coefficient")
+        ax.set_title(f"{method}: mean coefficient of each source per layer, ± std across the layer's kernels",
+                     fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
     if not by_method:
         axes[0, 0].text(0.5, 0.5, "no learned merge among methods", ha="center", va="center")

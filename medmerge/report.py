@@ -48,17 +48,27 @@ def comparison_markdown(summary: pd.DataFrame, metrics: Sequence[str] = SCALARS)
 
 
 def layerwise(summaries: Mapping[int, pd.DataFrame], source_names: Sequence[str]) -> pd.DataFrame:
-    """Mean coefficient of each source per layer (network order), averaged over seeds, with its std.
+    """Per layer (network order) and source: the mean coefficient averaged over seeds (``<source>_mean``),
+    its standard deviation over seeds (``<source>_seed_std``) and the spread of the coefficients across the
+    layer's kernels, averaged over seeds (``<source>_kernel_std``, 0 where a summary has no ``_std``).
 
     ``summaries`` maps a seed to that seed's ``KernelMerge.layer_summary()`` (``layers.csv``).
     """
     frames = []
     for seed, summary in summaries.items():
-        by_layer = summary.groupby("layer", sort=False)[list(source_names)].mean().reset_index()
+        summary = summary.copy()
+        for source in source_names:
+            if f"{source}_std" not in summary:
+                summary[f"{source}_std"] = 0.0
+        columns = [*source_names, *(f"{source}_std" for source in source_names)]
+        by_layer = summary.groupby("layer", sort=False)[columns].mean().reset_index()
         by_layer["position"] = range(len(by_layer))
         by_layer["seed"] = seed
         frames.append(by_layer)
-    stacked = pd.concat(frames, ignore_index=True)
-    result = stacked.groupby(["position", "layer"], sort=True)[list(source_names)].agg(["mean", "std"])
-    result.columns = [f"{source}_{stat}" for source, stat in result.columns]
+    grouped = pd.concat(frames, ignore_index=True).groupby(["position", "layer"], sort=True)
+    result = pd.DataFrame(index=grouped.size().index)
+    for source in source_names:
+        result[f"{source}_mean"] = grouped[source].mean()
+        result[f"{source}_seed_std"] = grouped[source].std(ddof=1)
+        result[f"{source}_kernel_std"] = grouped[f"{source}_std"].mean()
     return result.reset_index().fillna(0.0)

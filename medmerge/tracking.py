@@ -124,7 +124,8 @@ class StageRun:
     def child(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
         """A nested run under this one (the MLflow UI shows it below its parent), with the parent's tags."""
         inherited = {k: v for k, v in self.run.data.tags.items() if not k.startswith("mlflow.")}
-        with self._mlflow.start_run(run_name=run_name, nested=True, tags={**inherited, **(tags or {})}) as run:
+        with self._mlflow.start_run(experiment_id=self.run.info.experiment_id, run_name=run_name, nested=True,
+                                    tags={**inherited, **(tags or {})}) as run:
             yield StageRun(self._mlflow, run)
 
 

@@ -207,12 +207,23 @@ def test_summary_gives_mean_and_sample_std_per_method() -> None:
 def test_layerwise_averages_each_layer_over_seeds_in_network_order() -> None:
     def layers(offset: float) -> pd.DataFrame:
         return pd.DataFrame({"layer": ["stem", "stem", "block", "head_norm"], "a": [0.2, 0.4, 0.6 + offset, 0.9],
-                             "b": [0.8, 0.6, 0.4 - offset, 0.1]})
+                             "b": [0.8, 0.6, 0.4 - offset, 0.1], "a_std": [0.1, 0.3, 0.2, 0.0],
+                             "b_std": [0.1, 0.3, 0.2, 0.0]})
 
     result = layerwise({0: layers(0.0), 1: layers(0.2)}, ["a", "b"])
     assert list(result["layer"]) == ["stem", "block", "head_norm"]
     assert result["a_mean"].tolist() == pytest.approx([0.3, 0.7, 0.9])
-    assert result["a_std"].tolist() == pytest.approx([0.0, np.std([0.6, 0.8], ddof=1), 0.0])
+    assert result["a_seed_std"].tolist() == pytest.approx([0.0, np.std([0.6, 0.8], ddof=1), 0.0])
+    assert result["b_kernel_std"].tolist() == pytest.approx([0.2, 0.2, 0.0])  # spread within the layer
+
+
+def test_layer_summary_gives_the_spread_across_kernels() -> None:
+    result = run_merge_method(inputs("medmerge"))
+    summary = result.merge.layer_summary().set_index("parameter")
+    weights = result.merge.coefficient_tensors()["conv_stem.weight"]
+    assert summary.loc["conv_stem.weight", "a"] == pytest.approx(float(weights[0].mean()))
+    assert summary.loc["conv_stem.weight", "a_std"] == pytest.approx(float(weights[0].std()))
+    assert summary.loc["conv_stem.weight", "a_std"] > 0  # one epoch moved the kernels apart
 
 
 def test_channels_last_prepares_a_merge_with_per_kernel_coefficients() -> None:

@@ -21,3 +21,22 @@ def test_concurrent_processes_initialise_one_fresh_store(tmp_path: Path) -> None
         assert process.returncode == 0, err[-2000:]
     ids = {out.strip().splitlines()[-1] for out, _ in results}
     assert len(ids) == 1, ids
+
+
+def test_child_runs_nest_under_the_stage_run_in_its_experiment(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from medmerge.tracking import stage_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with stage_run("evaluate", "medmerge", {"merge.lr": 0.1}, uri, run_name="evaluate") as parent:
+        with parent.child("medmerge", tags={"stage": "evaluate_method", "method": "medmerge"}) as child:
+            child.log_metrics({"f1_macro": 0.5}, step=2)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("medmerge")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"evaluate", "medmerge"}  # the child is in the stage's experiment, not in Default
+    nested = runs["medmerge"].data.tags
+    assert nested["mlflow.parentRunId"] == parent.run_id and nested["stage"] == "evaluate_method"
+    assert nested["dvc_exp_name"] == runs["evaluate"].data.tags["dvc_exp_name"]  # the parent's tags carry over
+    assert [m.step for m in client.get_metric_history(runs["medmerge"].info.run_id, "f1_macro")] == [2]

@@ -181,14 +181,17 @@ class KernelMerge(nn.Module):
 
     @torch.no_grad()
     def layer_summary(self) -> pd.DataFrame:
-        """Mean coefficient of each source for every merged parameter tensor, in network order."""
+        """Mean coefficient of each source for every merged parameter tensor, in network order, and its
+        standard deviation across the tensor's kernels (``<source>_std``)."""
         weights = self.group_weights()
         rows = []
         for order, key in enumerate(self.merged_keys):
             w = weights[self.group_of[key]]
             row = {"order": order, "parameter": key, "layer": key.rsplit(".", 1)[0], "numel": w[0].numel()}
             for index, name in enumerate(self.source_names):
-                row[name] = float(w[index].float().mean())
+                values = w[index].float()
+                row[name] = float(values.mean())
+                row[f"{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0  # spread across kernels
             rows.append(row)
         return pd.DataFrame(rows)
 
