@@ -63,16 +63,23 @@ def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: ArrayBatches, transform: DeviceTransform) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and labels for every sample, in order (eval mode)."""
+def map_batches(
+    compute: Callable[[Tensor], Tensor], model: nn.Module, batches: ArrayBatches, transform: DeviceTransform
+) -> tuple[np.ndarray, np.ndarray]:
+    """``compute(x)`` for every batch in order, in eval mode and under the runtime's autocast, and the labels."""
     model.eval()
-    probabilities, labels = [], []
+    outputs, labels = [], []
     for images, targets in batches:
         with transform.runtime.autocast():
-            logits = model(transform(images))
-        probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            output = compute(transform(images))
+        outputs.append(output.float().cpu().numpy())
         labels.append(targets.numpy())
-    return np.concatenate(probabilities), np.concatenate(labels)
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def predict(model: nn.Module, batches: ArrayBatches, transform: DeviceTransform) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and labels for every sample, in order (eval mode)."""
+    return map_batches(lambda x: torch.softmax(model(x).float(), dim=1), model, batches, transform)
 
 
 def evaluate_loss_f1(
@@ -186,17 +193,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: ArrayBatches, transform: De
     return len(norms)
 
 
-@torch.no_grad()
 def extract_features(model: nn.Module, batches: ArrayBatches, transform: DeviceTransform) -> tuple[np.ndarray, np.ndarray]:
     """The pooled features a timm model's classifier sees (``forward_head(pre_logits=True)``), and labels."""
-    model.eval()
-    features, labels = [], []
-    for images, targets in batches:
-        with transform.runtime.autocast():
-            pooled = model.forward_head(model.forward_features(transform(images)), pre_logits=True)
-        features.append(pooled.float().cpu().numpy())
-        labels.append(targets.numpy())
-    return np.concatenate(features), np.concatenate(labels)
+    return map_batches(lambda x: model.forward_head(model.forward_features(x), pre_logits=True), model, batches,
+                       transform)
 
 
 def fit_linear_probe(
