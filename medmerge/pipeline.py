@@ -225,9 +225,14 @@ def restore_merge_state(merge: KernelMerge, state: dict[str, Tensor]) -> None:
 def collapse(
     merge: KernelMerge, arch: str, num_classes: int, data: TargetData | None, runtime: Runtime, seed: int = 0
 ) -> nn.Module:
-    """Apply the coefficients once: an ordinary timm model (BN recalibrated on ``data.train`` if given)."""
+    """Apply the coefficients once: an ordinary timm model.
+
+    BatchNorm statistics are recalibrated on ``data.train`` if given; without ``data`` they are the sources'
+    statistics blended by the same coefficients as their layer's weights (what a merge without
+    recalibration has).
+    """
     model = create_model(arch, num_classes=num_classes)
-    model.load_state_dict(merge.collapsed_state_dict(), strict=True)
+    model.load_state_dict(merge.collapsed_state_dict(blend_buffers=data is None), strict=True)
     model = runtime.prepare(model)
     if data is not None:
         count = recalibrate_batchnorm(model, data.train, make_transform(arch, runtime, seed))

@@ -135,7 +135,8 @@ def test_fixed_weight_merge_head_is_a_fitted_probe_and_bn_is_recalibrated() -> N
     states = sources(2)
     data = tiny_task()
     result = run_merge_method(inputs("average", states))
-    model = collapse(result.merge, ARCH, 3, None, CPU)  # the merge's own buffers: recalibrated on data.train
+    model = create_model(ARCH, num_classes=3)
+    model.load_state_dict(result.merge.collapsed_state_dict())  # the merge's own buffers: recalibrated
     probabilities, labels = predict(model, data.train, make_transform(ARCH, CPU))
     assert (probabilities.argmax(1) == labels).mean() > 0.9  # brightness classes: the probe separates them
     blended = {k: (states[0][k] + states[1][k]) / 2 for k in states[0] if k.endswith("running_mean")}
@@ -240,3 +241,26 @@ def test_channels_last_prepares_a_merge_with_per_kernel_coefficients() -> None:
     # the same function; channels_last convolutions sum in another order
     torch.testing.assert_close(prepared(x.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-3,
                                atol=1e-3)
+
+
+def test_without_recalibration_bn_statistics_are_blended_like_their_layer() -> None:
+    """bn_recalibration: false gives the sources' running statistics blended per channel by the learned
+    coefficients of the norm's weight; with it, statistics recomputed on the target training split."""
+    from medmerge.pipeline import build_kernel_merge
+
+    states = sources(2)
+    for state, shift in zip(states, (0.0, 1.0), strict=True):  # distinct statistics per source
+        for key in state:
+            if key.endswith("running_mean"):
+                state[key] = torch.randn(state[key].shape) + shift
+    merge = build_kernel_merge(ARCH, states, NAMES, 3, MergeSettings(anchor="a"))
+    with torch.no_grad():
+        for logits in merge.logits.values():
+            logits.normal_()  # a different weight per channel
+    key = "bn1.running_mean"
+    w = merge.group_weights()["bn1.weight"].detach()
+    expected = w[0] * states[0][key] + w[1] * states[1][key]
+    blended = collapse(merge, ARCH, 3, None, CPU).state_dict()[key]
+    torch.testing.assert_close(blended, expected)
+    recalibrated = collapse(merge, ARCH, 3, tiny_task(), CPU).state_dict()[key]
+    assert not torch.allclose(recalibrated, blended)

@@ -126,16 +126,39 @@ class KernelMerge(nn.Module):
 
     @torch.no_grad()
     def _init_buffers(self, sources: Sequence[dict[str, Tensor]], init_weights: Tensor) -> None:
-        """Start the skeleton's float buffers (BN statistics) at the initial blend of the sources'."""
+        """Start the skeleton's float buffers (BN statistics) at the initial blend of the sources', and keep
+        the sources' own (small) statistics for :meth:`blended_buffers`."""
+        self.init_weights = init_weights.detach().float().cpu()
+        self.source_buffers: dict[str, Tensor] = {}  # key -> (N, *shape), on the CPU
         for key, buffer in self.skeleton.named_buffers():
             present = [state[key] for state in sources if key in state]
             if len(present) != len(sources):
                 continue
             if buffer.is_floating_point():
+                self.source_buffers[key] = torch.stack([t.detach().float().cpu() for t in present])
                 blended = sum(w * t.float() for w, t in zip(init_weights.tolist(), present, strict=True))
                 buffer.copy_(blended.to(buffer.dtype))
             else:
                 buffer.copy_(present[0])
+
+    @torch.no_grad()
+    def blended_buffers(self) -> dict[str, Tensor]:
+        """The sources' float buffers (BatchNorm running statistics) blended with the coefficients of their
+        layer's ``weight``, per channel where the granularity has one: the statistics a merged model has when
+        nobody recalibrates them. A layer without a merged ``weight`` uses the initial weights."""
+        weights = self.group_weights()
+        blended = {}
+        for key, stacked in self.source_buffers.items():
+            owner = f"{key.rsplit('.', 1)[0]}.weight"
+            if owner in self.group_of:
+                w = weights[self.group_of[owner]].detach().float().cpu().reshape(len(self.sources), -1)
+            else:
+                w = self.init_weights.reshape(-1, 1)
+            flat = stacked.reshape(len(self.sources), -1)
+            if w.shape[1] not in (1, flat.shape[1]):  # finer than per channel (slice): one weight per channel
+                w = w.reshape(len(self.sources), flat.shape[1], -1).mean(dim=2)
+            blended[key] = (w * flat).sum(dim=0).reshape(stacked.shape[1:])
+        return blended
 
     def group_weights(self) -> dict[str, Tensor]:
         """Normalised weights per coefficient group, each of shape ``(N, *group_shape)``."""
@@ -167,11 +190,18 @@ class KernelMerge(nn.Module):
         }
 
     @torch.no_grad()
-    def collapsed_state_dict(self) -> dict[str, Tensor]:
-        """One ordinary state dict for the skeleton's architecture: the coefficients applied once."""
+    def collapsed_state_dict(self, blend_buffers: bool = False) -> dict[str, Tensor]:
+        """One ordinary state dict for the skeleton's architecture: the coefficients applied once.
+
+        Buffers are the skeleton's (the statistics tracked, and recalibrated, while learning), or with
+        ``blend_buffers`` the sources' statistics blended by the coefficients (:meth:`blended_buffers`).
+        """
         state = {key: value.detach().clone() for key, value in self.skeleton.state_dict().items()}
         for key, value in self.merged_parameters().items():
             state[key] = value.detach().to(state[key].dtype).clone()
+        if blend_buffers:
+            for key, value in self.blended_buffers().items():
+                state[key] = value.to(device=state[key].device, dtype=state[key].dtype)
         return state
 
     @torch.no_grad()
