@@ -6,6 +6,8 @@ split when ``merge.bn_recalibration`` (per method) is on.
 """
 
 import argparse
+import functools
+from pathlib import Path
 
 from safetensors.torch import load_file
 
@@ -26,6 +28,13 @@ def nested_permutations(flat: dict) -> dict:
     return nested
 
 
+@functools.lru_cache(maxsize=1)
+def load_sources(dirs: tuple[Path, ...]) -> list:
+    """The source state dicts in ``dirs``, read once for all seeds that merge the same sources (the merge
+    and the permutations copy them, so sharing is safe)."""
+    return [load_model_dir(directory)[0] for directory in dirs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", help="a key of params.yaml methods")
@@ -39,8 +48,7 @@ def main() -> None:
             merge_dir = layout.seed_dir(layout.MERGE / args.method, seed)
             info = read_json(merge_dir / "merge.json")
             data = stage_dataset(params, params.data.target, params.evaluate.batch_size, runtime, seed=seed)
-            sources = [load_model_dir(layout.source_dir(info["sources_from"], name, seed))[0]
-                       for name in info["sources"]]
+            sources = load_sources(tuple(layout.source_dir(info["sources_from"], name, seed) for name in info["sources"]))
             if (merge_dir / "permutations.safetensors").is_file():
                 permutations = nested_permutations(load_file(merge_dir / "permutations.safetensors"))
                 sources = apply_saved_permutations(info["arch"], sources, info["sources"], permutations)

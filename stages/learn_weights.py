@@ -9,7 +9,9 @@ source per layer) and merge.json.
 """
 
 import argparse
+import functools
 import sys
+from pathlib import Path
 
 from safetensors.torch import save_file
 
@@ -37,6 +39,18 @@ def flat_permutations(permutations: dict) -> dict:
             for space, perm in perms.items()}
 
 
+@functools.lru_cache(maxsize=1)
+def merge_sources(arch: str, names: tuple[str, ...], dirs: tuple[Path, ...], anchor: str, align: str) -> tuple:
+    """The sources in ``dirs``, aligned onto ``anchor`` if asked, with permutations and alignment report.
+
+    Cached: with ``merge.sources_from: pretrained`` every seed merges the same sources, which are then read
+    and aligned once instead of once per seed (merges copy the tensors, so sharing them is safe)."""
+    sources = [load_model_dir(directory)[0] for directory in dirs]
+    if align == "weight_matching":
+        return align_sources(arch, sources, names, anchor)
+    return sources, {}, {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", help="a key of params.yaml methods")
@@ -49,10 +63,9 @@ def main() -> None:
         for seed in params.seeds:
             seed_everything(seed)
             data = stage_dataset(params, params.data.target, settings.batch_size, runtime, seed=seed)
-            sources = [load_model_dir(layout.source_dir(settings.sources_from, name, seed))[0] for name in names]
-            permutations, alignment = {}, {}
-            if settings.align == "weight_matching":
-                sources, permutations, alignment = align_sources(params.arch, sources, names, settings.anchor)
+            dirs = tuple(layout.source_dir(settings.sources_from, name, seed) for name in names)
+            sources, permutations, alignment = merge_sources(params.arch, tuple(names), dirs, settings.anchor,
+                                                             settings.align)
             tags = {"method": args.method, "merge_method": settings.method, "seed": str(seed),
                     "granularity": settings.granularity, "align": settings.align}
             with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
