@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medmerge.data import exactmath as xm
 from medmerge.data.npz import SPLITS
 
 Range = tuple[float, float]
@@ -167,7 +168,7 @@ def sample_nuisance(rng: np.random.Generator, n: int) -> Params:
     u = rng.random
     k = len(HARMONICS)
     weights = u((n, k)) * (1.0 / np.sqrt(HARMONICS / HARMONICS[0]))
-    weights /= np.sqrt((weights**2).sum(axis=1, keepdims=True) / 2.0)  # unit RMS wobble
+    weights /= np.sqrt(_row_sum(weights * weights) / 2.0)  # unit RMS wobble
     return {
         "cx": 0.5 + 0.14 * (u(n) - 0.5),
         "cy": 0.5 + 0.14 * (u(n) - 0.5),
@@ -176,9 +177,9 @@ def sample_nuisance(rng: np.random.Generator, n: int) -> Params:
         "edge": 0.02 + 0.03 * u(n),
         "harm_w": weights,
         "harm_phase": 2 * np.pi * u((n, k)),
-        "skin": _SKIN * (0.86 + 0.16 * u((n, 1))) + rng.normal(0.0, 9.0, (n, 3)),
+        "skin": _SKIN * (0.86 + 0.16 * u((n, 1))) + 9.0 * xm.standard_normal(rng, (n, 3)),
         "darkness": 0.7 + 0.35 * u(n),
-        "tint": rng.normal(0.0, 4.0, (n, 3)),
+        "tint": 4.0 * xm.standard_normal(rng, (n, 3)),
         "shade": 0.1 + 0.2 * u(n),
         "illum": 0.25 * u(n),
         "illum_dir": 2 * np.pi * u(n),
@@ -201,6 +202,14 @@ def sample_nuisance(rng: np.random.Generator, n: int) -> Params:
 # ---------------------------------------------------------------- rendering
 
 
+def _row_sum(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis, left to right (a fixed order on every CPU), keeping the axis."""
+    total = np.zeros(a.shape[:-1] + (1,), dtype=a.dtype)
+    for j in range(a.shape[-1]):
+        total += a[..., j : j + 1]
+    return total
+
+
 def _float32(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) if a.dtype.kind in "fb" else a
 
@@ -214,13 +223,13 @@ def _lesion_geometry(p: Params, size: int) -> tuple[np.ndarray, np.ndarray, np.n
     """Lesion mask in [0, 1], normalised radius rho/border, and polar angle, all (n, H, W)."""
     g = ((np.arange(size, dtype=np.float32) + 0.5) / size)[None]
     dx, dy = g[:, None, :] - _col(p["cx"]), g[:, :, None] - _col(p["cy"])
-    cos, sin = np.cos(_col(p["theta"])), np.sin(_col(p["theta"]))
+    cos, sin = xm.cos(_col(p["theta"])), xm.sin(_col(p["theta"]))
     sqa = np.sqrt(_col(p["aspect"]))
     eu, ev = (dx * cos + dy * sin) / sqa, (dy * cos - dx * sin) * sqa
-    rho, phi = np.hypot(eu, ev), np.arctan2(ev, eu)
+    rho, phi = xm.hypot(eu, ev), xm.atan2(ev, eu)
     wobble = np.zeros_like(rho)
     for j, k in enumerate(HARMONICS):
-        wobble += p["harm_w"][:, j, None, None] * np.cos(k * phi + p["harm_phase"][:, j, None, None])
+        wobble += p["harm_w"][:, j, None, None] * xm.cos(k * phi + p["harm_phase"][:, j, None, None])
     border = _col(p["radius"]) * (1.0 + _col(p["irregularity"]) * wobble)
     mask = np.clip((border - rho) / _col(p["edge"]) + 0.5, 0.0, 1.0)
     return mask, rho / np.maximum(border, 1e-3), phi
@@ -232,16 +241,19 @@ def _dot_map(p: Params, size: int) -> np.ndarray:
     active = np.arange(MAX_DOTS)[None] < np.round(p["dots"] * MAX_DOTS)[:, None]
     amp = active * p["dot_gain"] * (0.3 + 0.6 * p["dots"])[:, None]
     sqa = np.sqrt(p["aspect"])[:, None]
-    eu = p["dot_r"] * np.cos(p["dot_a"]) * sqa * p["radius"][:, None]
-    ev = p["dot_r"] * np.sin(p["dot_a"]) / sqa * p["radius"][:, None]
-    cos, sin = np.cos(p["theta"])[:, None], np.sin(p["theta"])[:, None]
+    eu = p["dot_r"] * xm.cos(p["dot_a"]) * sqa * p["radius"][:, None]
+    ev = p["dot_r"] * xm.sin(p["dot_a"]) / sqa * p["radius"][:, None]
+    cos, sin = xm.cos(p["theta"])[:, None], xm.sin(p["theta"])[:, None]
     x0, y0 = p["cx"][:, None] + eu * cos - ev * sin, p["cy"][:, None] + eu * sin + ev * cos
     g = (np.arange(size) + 0.5) / size
     sigma = np.maximum(p["dot_sigma"], 0.6 / size)[..., None]
-    gx = np.exp(-0.5 * ((g - x0[..., None]) / sigma) ** 2).astype(np.float32)
-    gy = np.exp(-0.5 * ((g - y0[..., None]) / sigma) ** 2).astype(np.float32)
-    dots = np.einsum("nk,nky,nkx->nyx", amp.astype(np.float32), gy, gx, optimize=True)
-    return np.clip(dots, 0.0, 1.0).reshape(n, size, size)
+    gx, gy = ((g - x0[..., None]) / sigma, (g - y0[..., None]) / sigma)
+    gx = xm.exp(-0.5 * gx * gx).astype(np.float32)
+    gy = (xm.exp(-0.5 * gy * gy) * amp[..., None]).astype(np.float32)
+    dots = np.zeros((n, size, size), dtype=np.float32)
+    for k in range(MAX_DOTS):  # a fixed summation order (einsum and BLAS pick theirs by CPU)
+        dots += gy[:, k, :, None] * gx[:, k, None, :]
+    return np.clip(dots, 0.0, 1.0)
 
 
 def _hair_map(p: Params, size: int) -> np.ndarray:
@@ -251,9 +263,9 @@ def _hair_map(p: Params, size: int) -> np.ndarray:
     out = np.zeros((len(p["cx"]), size, size), dtype=np.float32)
     for h in range(MAX_HAIRS):
         dx, dy = x - _col(p["hair_xy"][:, h, 0]), y - _col(p["hair_xy"][:, h, 1])
-        cos, sin = np.cos(_col(p["hair_angle"][:, h])), np.sin(_col(p["hair_angle"][:, h]))
+        cos, sin = xm.cos(_col(p["hair_angle"][:, h])), xm.sin(_col(p["hair_angle"][:, h]))
         along, across = dx * cos + dy * sin, dy * cos - dx * sin
-        dist = np.abs(across + _col(p["hair_bend"][:, h]) * along**2)
+        dist = np.abs(across + _col(p["hair_bend"][:, h]) * along * along)
         width = np.maximum(_col(p["hair_width"][:, h]), 0.8 / size)
         line = np.clip(1.0 - dist / width, 0.0, 1.0) * _col(p["hair_dark"][:, h] * p["hair_on"][:, h])
         out = np.maximum(out, line)
@@ -266,18 +278,21 @@ def render(p: Params, size: int, rng: np.random.Generator) -> np.ndarray:
     lesion_rgb = (1 - p["blue"])[:, None] * _BROWN + p["blue"][:, None] * _BLUE_GREY
     lesion_rgb = lesion_rgb * p["darkness"][:, None] + p["tint"]
     shading = 1.0 - _col(p["shade"]) * np.clip(1.0 - rel, 0.0, 1.0)  # darker centre
-    streak = (0.5 + 0.5 * np.cos(_col(p["streak_n"]) * phi + _col(p["streak_phase"]))) ** 6
-    streak *= np.clip(rel, 0.0, 1.0) ** 1.5 * _col(p["streaks"])
+    streak = 0.5 + 0.5 * xm.cos(_col(p["streak_n"]) * phi + _col(p["streak_phase"]))
+    streak = streak * streak * streak
+    streak = streak * streak  # powers by multiplication: np.power's kernels differ by CPU
+    rel_in = np.clip(rel, 0.0, 1.0)
+    streak *= rel_in * np.sqrt(rel_in) * _col(p["streaks"])
     lesion = lesion_rgb[:, None, None, :] * (shading * (1.0 - 0.55 * streak))[..., None]
     img = p["skin"][:, None, None, :] * (1.0 - mask[..., None]) + lesion * mask[..., None]
     dots = (_dot_map(p, size) * mask)[..., None]
     img = img * (1.0 - dots) + _DOT * dots
     g = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
-    ramp = g[None, None, :] * _col(np.cos(p["illum_dir"])) + g[None, :, None] * _col(np.sin(p["illum_dir"]))
+    ramp = g[None, None, :] * _col(xm.cos(p["illum_dir"])) + g[None, :, None] * _col(xm.sin(p["illum_dir"]))
     img = img * (1.0 + 2.0 * _col(p["illum"]) * ramp)[..., None]
     hair = _hair_map(p, size)[..., None]
     img = img * (1.0 - hair) + _HAIR * hair
-    img += rng.standard_normal(img.shape, dtype=np.float32) * p["noise_sd"][:, None, None, None]
+    img += xm.standard_normal(rng, img.shape).astype(np.float32) * p["noise_sd"][:, None, None, None]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
