@@ -96,3 +96,26 @@ def plot_layerwise(by_method: dict[str, pd.DataFrame], source_names: Sequence[st
         axes[0, 0].text(0.5, 0.5, "no learned merge among methods", ha="center", va="center")
     axes[-1, 0].set_xlabel("layer (network order, input to output)")
     _save(fig, path)
+
+
+def plot_differences(differences: Sequence[dict], path: str | Path, metric_label: str, confidence: float) -> None:
+    """Each method's paired difference to the reference (``medmerge.compare``): the mean, the t interval over
+    seeds (thick) and the bootstrap interval over test images (thin), coloured by verdict."""
+    rows = [d for d in differences if d["verdict"] != "reference"]
+    colours = {"better": "tab:green", "worse": "tab:red", "no detectable difference": "tab:grey"}
+    fig, ax = plt.subplots(figsize=(8, 0.34 * max(len(rows), 1) + 1.4))
+    y = np.arange(len(rows))[::-1]
+    for position, row in zip(y, rows, strict=True):
+        colour = colours[row["verdict"]]
+        if np.isfinite(row["t_low"]):
+            ax.plot([row["t_low"], row["t_high"]], [position, position], color=colour, linewidth=5, alpha=0.45)
+        ax.plot([row["boot_low"], row["boot_high"]], [position, position], color=colour, linewidth=1.2)
+        ax.plot(row["diff"], position, "o", color=colour, markersize=4)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(y, [f"{r['method']} ({r['verdict']})" for r in rows], fontsize=7)
+    reference = differences[0]["reference"] if differences else "reference"
+    ax.set_xlabel(f"Δ {metric_label} to {reference} (paired, mean over seeds)")
+    ax.set_title(f"thick: t {confidence:.0%} over seeds · thin: bootstrap {confidence:.0%} over test images",
+                 fontsize=9)
+    ax.grid(axis="x", linewidth=0.3)
+    _save(fig, path)

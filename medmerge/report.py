@@ -1,9 +1,11 @@
-"""The comparison report: every method's test metrics per seed, summarised as mean ± std.
+"""The comparison report: every method's test metrics per seed, summarised as mean ± std, with the paired
+difference to the reference and its verdict.
 
 ``per_seed`` is a long table (one row per method and seed); :func:`summarize` gives one row per method
 with ``<metric>_mean`` and ``<metric>_std`` (sample standard deviation over seeds, ``ddof=1``; 0 for a
-single seed, which the table marks as ``n=1``). :func:`layerwise` averages the learned coefficients per
-layer over seeds (the paper's layer-wise transfer pattern).
+single seed). :func:`with_differences` adds the columns of ``medmerge.compare``; :func:`comparison_markdown`
+renders the table and :func:`report_header` says what its intervals cover. :func:`layerwise` averages the
+learned coefficients per layer over seeds (the paper's layer-wise transfer pattern).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import pandas as pd
 
 SCALARS = ("f1_macro", "accuracy", "balanced_accuracy", "auroc_macro")
 HEADERS = {"f1_macro": "macro F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
-           "auroc_macro": "macro AUROC"}
+           "auroc_macro": "macro AUROC", "kappa_quadratic": "quadratic kappa"}
+DIFFERENCE_COLUMNS = ("diff", "t_low", "t_high", "boot_low", "boot_high", "verdict")
 
 
 def summarize(per_seed: pd.DataFrame, metrics: Sequence[str] = SCALARS) -> pd.DataFrame:
@@ -32,19 +35,63 @@ def summarize(per_seed: pd.DataFrame, metrics: Sequence[str] = SCALARS) -> pd.Da
     return summary
 
 
-def comparison_markdown(summary: pd.DataFrame, metrics: Sequence[str] = SCALARS) -> str:
-    """A Markdown table of ``summary``: ``mean ± std`` per metric, the best mean per metric in bold."""
+def with_differences(summary: pd.DataFrame, differences: Sequence[Mapping]) -> pd.DataFrame:
+    """``summary`` with the paired difference of each method to the reference (``medmerge.compare``)."""
+    table = pd.DataFrame([{k: d[k] for k in ("method", *DIFFERENCE_COLUMNS)} for d in differences])
+    return summary.merge(table, on="method", how="left")
+
+
+def _interval(low: float, high: float) -> str:
+    return "—" if pd.isna(low) or pd.isna(high) else f"[{low:+.3f}, {high:+.3f}]"
+
+
+def comparison_markdown(summary: pd.DataFrame, metrics: Sequence[str] = SCALARS, compared: str | None = None,
+                        confidence: float = 0.95) -> str:
+    """A Markdown table of ``summary``: ``mean ± std`` per metric, the best mean per metric in bold, and (for
+    a summary :func:`with_differences`) the difference in ``compared`` to the reference with both intervals
+    and the verdict."""
     best = {metric: summary[f"{metric}_mean"].max() for metric in metrics}
     header = ["method", "kind", "seeds", *(HEADERS.get(m, m) for m in metrics)]
+    paired = compared is not None and "verdict" in summary
+    level = f"{confidence:.0%}"
+    if paired:
+        header += [f"Δ {HEADERS.get(compared, compared)}", f"t {level}", f"bootstrap {level}", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in summary.itertuples(index=False):
-        cells = [row.method, row.kind, str(row.seeds)]
+    for row in summary.to_dict("records"):
+        cells = [row["method"], row["kind"], str(row["seeds"])]
         for metric in metrics:
-            mean, std = getattr(row, f"{metric}_mean"), getattr(row, f"{metric}_std")
+            mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
             cell = f"{mean:.3f} ± {std:.3f}"
             cells.append(f"**{cell}**" if mean == best[metric] else cell)
+        if paired:
+            if row["verdict"] == "reference":
+                cells += ["—", "—", "—", "reference"]
+            else:
+                cells += [f"{row['diff']:+.3f}", _interval(row["t_low"], row["t_high"]),
+                          _interval(row["boot_low"], row["boot_high"]), row["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def report_header(target: str, seeds: Sequence[int], reference: str, reference_val: float, metric: str,
+                  confidence: float, resamples: int, test_images: int, sources_as_given: Sequence[str] = ()) -> str:
+    """What the table shows and what each interval covers, in words."""
+    name = HEADERS.get(metric, metric)
+    given = (f" Sources used as given ({', '.join(sources_as_given)}) are the same in every seed, so no "
+             "interval covers how they were made." if sources_as_given else "")
+    return (
+        f"Target `{target}`, test split ({test_images} images), seeds {', '.join(map(str, seeds))}. Each seed "
+        "reruns everything the pipeline trains: the sources' pretraining, every baseline, every merge and its "
+        f"fine-tune.{given} Metrics: mean ± sample std over seeds; best mean per column in bold.\n\n"
+        f"Reference: `{reference}`, the single-source baseline with the best mean validation {name} "
+        f"({reference_val:.3f}). Every method is compared with it paired, on the same seed and the same test "
+        f"images: Δ is the mean over seeds of the per-seed difference in {name}; **t {confidence:.0%}** is "
+        "Student's t interval over the seeds (it covers training randomness: pretraining, target-side training, "
+        f"merging); **bootstrap {confidence:.0%}** is the percentile interval of the mean difference over "
+        f"{resamples} paired resamples of the test images (it covers the sampling of the test set). Verdict: "
+        "`better` or `worse` when both intervals exclude zero on that side, else `no detectable difference`."
+        "\n\n"
+    )
 
 
 def layerwise(summaries: Mapping[int, pd.DataFrame], source_names: Sequence[str]) -> pd.DataFrame:
@@ -72,3 +119,15 @@ def layerwise(summaries: Mapping[int, pd.DataFrame], source_names: Sequence[str]
         result[f"{source}_seed_std"] = grouped[source].std(ddof=1)
         result[f"{source}_kernel_std"] = grouped[f"{source}_std"].mean()
     return result.reset_index().fillna(0.0)
+
+
+RESULTS_BEGIN = "<!-- results: generated from reports/comparison.md by scripts/readme_results.py; do not edit -->"
+RESULTS_END = "<!-- /results -->"
+
+
+def with_results_block(document: str, report: str) -> str:
+    """``document`` with the text between its results markers replaced by ``report``."""
+    start, end = document.find(RESULTS_BEGIN), document.find(RESULTS_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no results block: expected a line {RESULTS_BEGIN!r} and, after it, {RESULTS_END!r}")
+    return document[: start + len(RESULTS_BEGIN)] + "\n" + report.rstrip("\n") + "\n" + document[end:]

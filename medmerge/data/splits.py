@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from medmerge.data.npz import SPLITS, DataError
 from medmerge.io import atomic_file
@@ -72,6 +71,10 @@ def carve(
             f"{what}: only {n_groups} group(s) to split, but a fraction of {fraction:.3g} takes 1 of {k} "
             f"folds and needs at least {k} groups; lower val_fraction/test_fraction or give the splits"
         )
+    from sklearn.model_selection import (
+        StratifiedGroupKFold,  # imported here: costly, and only fetching needs it
+    )
+
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)

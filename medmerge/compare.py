@@ -1,0 +1,102 @@
+"""Paired comparisons of methods against a reference, with intervals and a verdict.
+
+Every method is compared with the reference on the same seeds and the same test images:
+
+- ``diff``: the mean over seeds of the per-seed difference ``metric(method, s) - metric(reference, s)``;
+- ``t`` interval: Student's t over the per-seed differences (``n - 1`` degrees of freedom). Each seed
+  retrains everything the pipeline trains (source pretraining, the target-side training, the merge), so
+  this interval covers the training randomness. It needs at least two seeds;
+- ``bootstrap`` interval: the percentile interval of the mean difference over resamples of the test
+  images, one resample shared by both methods and every seed (a paired bootstrap). It covers the
+  sampling of the test set, for these trained models;
+- ``verdict``: ``better`` when both intervals lie above zero, ``worse`` when both lie below, else
+  ``no detectable difference``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from medmerge.metrics import CONFUSION_METRICS, confusion_matrix
+
+BETTER, SAME, WORSE, REFERENCE = "better", "no detectable difference", "worse", "reference"
+
+Predicted = Mapping[int, np.ndarray]  # seed -> predicted class of every test image
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    method: str
+    reference: str
+    metric: str
+    seeds: int
+    diff: float
+    t_low: float
+    t_high: float
+    boot_low: float
+    boot_high: float
+    verdict: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def t_interval(differences: Sequence[float], confidence: float) -> tuple[float, float]:
+    """Student's t interval of the mean of ``differences``; NaN bounds for fewer than two values."""
+    values = np.asarray(differences, dtype=np.float64)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    from scipy import stats
+
+    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
+    """``[resamples, n]``: how often each of ``n`` test images is drawn in each bootstrap resample."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+def bootstrap_differences(method: Predicted, reference: Predicted, labels: np.ndarray, num_classes: int,
+                          metric: str, weights: np.ndarray) -> np.ndarray:
+    """Per resample (rows of ``weights``): the mean over seeds of ``metric(method) - metric(reference)``."""
+    score = CONFUSION_METRICS[metric]
+    seeds = sorted(method)
+    total = np.zeros(len(weights))
+    for seed in seeds:
+        for predicted, sign in ((method[seed], 1.0), (reference[seed], -1.0)):
+            total += sign * score(confusion_matrix(labels, predicted, num_classes, weights))
+    return total / len(seeds)
+
+
+def verdict(t_low: float, t_high: float, boot_low: float, boot_high: float) -> str:
+    if t_low > 0 and boot_low > 0:
+        return BETTER
+    if t_high < 0 and boot_high < 0:
+        return WORSE
+    return SAME  # NaN bounds (a single seed) compare False: no verdict either way
+
+
+def paired_difference(name: str, method: Predicted, reference_name: str, reference: Predicted,
+                      labels: np.ndarray, num_classes: int, metric: str, weights: np.ndarray,
+                      confidence: float) -> PairedDifference:
+    """``method`` against ``reference`` on the seeds both have (the same test ``labels``)."""
+    seeds = sorted(set(method) & set(reference))
+    if not seeds:
+        raise ValueError(f"{name} and {reference_name} share no seed")
+    method, reference = {s: method[s] for s in seeds}, {s: reference[s] for s in seeds}
+    score = CONFUSION_METRICS[metric]
+    per_seed = [float(score(confusion_matrix(labels, method[s], num_classes))
+                      - score(confusion_matrix(labels, reference[s], num_classes))) for s in seeds]
+    t_low, t_high = t_interval(per_seed, confidence)
+    boot = bootstrap_differences(method, reference, labels, num_classes, metric, weights)
+    alpha = (1.0 - confidence) / 2
+    boot_low, boot_high = (float(q) for q in np.quantile(boot, [alpha, 1.0 - alpha]))
+    if name == reference_name:
+        return PairedDifference(name, reference_name, metric, len(seeds), 0.0, 0.0, 0.0, 0.0, 0.0, REFERENCE)
+    return PairedDifference(name, reference_name, metric, len(seeds), float(np.mean(per_seed)), t_low, t_high,
+                            boot_low, boot_high, verdict(t_low, t_high, boot_low, boot_high))

@@ -1,0 +1,93 @@
+"""Paired comparisons: metrics from confusion matrices, t intervals, the paired bootstrap and verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score
+
+from medmerge.compare import (
+    BETTER,
+    REFERENCE,
+    SAME,
+    WORSE,
+    bootstrap_differences,
+    paired_difference,
+    resample_weights,
+    t_interval,
+    verdict,
+)
+from medmerge.metrics import CONFUSION_METRICS, confusion_matrix, macro_f1
+
+
+def _labels_and_predictions(seed: int, n: int = 300, k: int = 4, accuracy: float = 0.6):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    predicted = np.where(rng.random(n) < accuracy, labels, rng.integers(0, k, n))
+    return labels, predicted
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_confusion_metrics_equal_scikit_learn(seed: int) -> None:
+    labels, predicted = _labels_and_predictions(seed, k=5)
+    confusion = confusion_matrix(labels, predicted, 5)
+    assert CONFUSION_METRICS["f1_macro"](confusion) == pytest.approx(
+        f1_score(labels, predicted, labels=range(5), average="macro", zero_division=0))
+    assert macro_f1(labels, predicted, 5) == pytest.approx(CONFUSION_METRICS["f1_macro"](confusion))
+    assert CONFUSION_METRICS["accuracy"](confusion) == pytest.approx(accuracy_score(labels, predicted))
+    assert CONFUSION_METRICS["balanced_accuracy"](confusion) == pytest.approx(
+        balanced_accuracy_score(labels, predicted))
+    assert CONFUSION_METRICS["kappa_quadratic"](confusion) == pytest.approx(
+        cohen_kappa_score(labels, predicted, weights="quadratic"))
+
+
+def test_resampled_confusion_matrices_are_those_of_the_resampled_images() -> None:
+    labels, predicted = _labels_and_predictions(3)
+    weights = resample_weights(len(labels), 5, seed=1)
+    assert weights.shape == (5, len(labels)) and (weights.sum(axis=1) == len(labels)).all()
+    batched = confusion_matrix(labels, predicted, 4, weights)
+    for row, matrix in zip(weights, batched, strict=True):
+        drawn = np.repeat(np.arange(len(labels)), row.astype(int))
+        np.testing.assert_array_equal(matrix, confusion_matrix(labels[drawn], predicted[drawn], 4))
+
+
+def test_t_interval_is_students() -> None:
+    diffs = [0.03, 0.05, 0.01, 0.04]
+    low, high = t_interval(diffs, 0.95)
+    half = stats.t.ppf(0.975, 3) * np.std(diffs, ddof=1) / 2
+    assert (low, high) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
+    assert all(np.isnan(t_interval([0.1], 0.95)))
+
+
+def test_verdict_needs_both_intervals_on_one_side_of_zero() -> None:
+    assert verdict(0.01, 0.05, 0.002, 0.04) == BETTER
+    assert verdict(-0.05, -0.01, -0.04, -0.001) == WORSE
+    assert verdict(0.01, 0.05, -0.001, 0.04) == SAME  # the test set cannot tell them apart
+    assert verdict(-0.01, 0.05, 0.01, 0.04) == SAME  # the seeds cannot
+    assert verdict(float("nan"), float("nan"), 0.01, 0.04) == SAME  # one seed: no t interval
+
+
+def test_a_clearly_better_method_is_better_and_the_reference_is_the_reference() -> None:
+    labels = np.random.default_rng(0).integers(0, 4, 400)
+    weak = {s: _labels_and_predictions(10 + s, n=400, accuracy=0.5)[1] for s in range(3)}
+    strong = {s: np.where(np.random.default_rng(20 + s).random(400) < 0.85, labels, weak[s]) for s in range(3)}
+    for s in range(3):  # the weak predictions, but about right for these labels half of the time
+        weak[s] = np.where(np.random.default_rng(30 + s).random(400) < 0.5, labels, weak[s])
+    weights = resample_weights(400, 500, seed=0)
+    better = paired_difference("strong", strong, "weak", weak, labels, 4, "f1_macro", weights, 0.95)
+    assert better.verdict == BETTER and better.t_low > 0 and better.boot_low > 0 and better.seeds == 3
+    per_seed = [CONFUSION_METRICS["f1_macro"](confusion_matrix(labels, strong[s], 4))
+                - CONFUSION_METRICS["f1_macro"](confusion_matrix(labels, weak[s], 4)) for s in range(3)]
+    assert better.diff == pytest.approx(np.mean(per_seed))
+    assert better.boot_low < better.diff < better.boot_high
+    worse = paired_difference("weak", weak, "strong", strong, labels, 4, "f1_macro", weights, 0.95)
+    assert worse.verdict == WORSE and worse.diff == pytest.approx(-better.diff)
+    same = paired_difference("weak", weak, "weak", weak, labels, 4, "f1_macro", weights, 0.95)
+    assert same.verdict == REFERENCE and same.diff == 0.0
+
+
+def test_identical_predictions_give_zero_bootstrap_differences() -> None:
+    labels, predicted = _labels_and_predictions(5)
+    weights = resample_weights(len(labels), 50, seed=2)
+    assert not bootstrap_differences({0: predicted}, {0: predicted}, labels, 4, "accuracy", weights).any()
