@@ -23,6 +23,7 @@ repo:
 
 demo: install repo
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/python scripts/readme_results.py
 	@cat reports/comparison.md
 
 repro:

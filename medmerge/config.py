@@ -46,7 +46,6 @@ class DatasetSettings(_Section):
 
 class DataSettings(_Section):
     image_size: int = Field(64, ge=16, le=1024)
-    seed: int = 0
     loader_workers: int = Field(0, ge=0, le=64)  # background threads gathering batches
     pin_memory: Literal["auto", "on", "off"] = "auto"  # auto: on when training on a GPU
     target: str
@@ -60,12 +59,17 @@ class DataSettings(_Section):
 
 
 class SourceSettings(_Section):
-    """One source model: its architecture, its starting weights, and the source task it is trained on."""
+    """One source model: its architecture, its starting weights, and the source task it is pretrained on.
+
+    Without ``task`` (or ``task: null``) the source is used as fetched: nothing pretrains it and no seed
+    changes it. ``pretrain`` overrides keys of the shared ``pretrain`` settings for this source alone.
+    """
 
     arch: str
     origin: str
     options: dict[str, Any] = Field(default_factory=dict)
-    task: str
+    task: str | None = None
+    pretrain: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("origin")
     @classmethod
@@ -122,6 +126,11 @@ class MergeSettings(_Section):
 
 class EvaluateSettings(_Section):
     batch_size: int = Field(256, ge=1)
+    # the metric of the paired comparisons and verdicts (kappa_quadratic for ordinal grading tasks)
+    metric: Literal["f1_macro", "accuracy", "balanced_accuracy", "kappa_quadratic"] = "f1_macro"
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # of both intervals of a paired difference
+    bootstrap: int = Field(2000, ge=100)  # resamples of the test images for the paired bootstrap
+    bootstrap_seed: int = 0
 
 
 class MlflowSettings(_Section):
@@ -165,10 +174,11 @@ class Params(_Section):
                     "every source must share one architecture to be merged"
                 )
         for name, source in self.sources.items():
-            if source.task not in self.data.datasets:
+            if source.task is not None and source.task not in self.data.datasets:
                 raise ValueError(
                     f"sources.{name}.task '{source.task}' is not one of data.datasets: {sorted(self.data.datasets)}"
                 )
+            self.pretrain_settings(name)  # a bad per-source override fails here, naming the key
         if self.merge.anchor not in self.sources:
             raise ValueError(f"merge.anchor '{self.merge.anchor}' is not one of sources: {sorted(self.sources)}")
         if self.merge.normalization == "sigmoid" and len(self.sources) != 2:
@@ -197,6 +207,14 @@ class Params(_Section):
         if settings.sources_from != self.merge.sources_from:
             raise ValueError(f"{where}: sources_from must be set in merge (shared by every method)")
 
+    def pretrain_settings(self, source: str) -> TrainSettings:
+        """``pretrain`` with ``sources.<source>.pretrain``'s overrides."""
+        overrides = self.sources[source].pretrain
+        try:
+            return TrainSettings.model_validate({**self.pretrain.model_dump(), **overrides})
+        except ValidationError as error:
+            raise ValueError(_override_error(f"sources.{source}.pretrain", "pretrain", error)) from None
+
     def method(self, name: str) -> MergeSettings:
         """The settings of the compared merge ``methods.<name>``: ``merge`` with the entry's overrides."""
         if name not in self.methods:
@@ -205,11 +223,7 @@ class Params(_Section):
         try:
             return MergeSettings.model_validate({**self.merge.model_dump(), **overrides})
         except ValidationError as error:
-            first = error.errors()[0]
-            key = ".".join(str(part) for part in first["loc"])
-            if first["type"] == "extra_forbidden":
-                raise ValueError(f"methods.{name}.{key}: unknown key (any key of merge may be overridden)") from None
-            raise ValueError(f"methods.{name}.{key}: {first['msg']} (got {first.get('input')!r})") from None
+            raise ValueError(_override_error(f"methods.{name}", "merge", error)) from None
 
     @property
     def arch(self) -> str:
@@ -218,6 +232,15 @@ class Params(_Section):
     @property
     def source_names(self) -> list[str]:
         return list(self.sources)
+
+
+def _override_error(where: str, section: str, error: ValidationError) -> str:
+    """One line naming the first bad key of an entry that overrides ``section``."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{where}.{key}: unknown key (any key of {section} may be overridden)"
+    return f"{where}.{key}: {first['msg']} (got {first.get('input')!r})"
 
 
 def _format_error(path: Path, error: ValidationError) -> str:

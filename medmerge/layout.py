@@ -1,7 +1,9 @@
 """Where each stage writes, relative to the repository root; ``dvc.yaml`` declares the same paths.
 
-Every target-side run is repeated per seed (``params.yaml`` ``seeds``); its outputs sit in ``seed_<n>``
-under the stage's directory.
+Every run that depends on a seed (``params.yaml`` ``seeds``) is one DVC stage per seed. The models a merge
+reads for one seed sit together, seed first (``models/pretrained/seed_<n>/<source>``), so that a merge of
+seed ``n`` depends on exactly that seed's sources; a merge's own outputs sit under its name
+(``models/merge/<method>/seed_<n>``).
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from pathlib import Path
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
 SOURCES = Path("models/sources")
-PRETRAINED = Path("models/pretrained")
+PRETRAINED = Path("models/pretrained")  # seed_<n>/<source>: pretrained, or a pointer to the source as given
 MERGE = Path("models/merge")  # <method>/seed_<n>: coefficients, merge state, layer summary
 MERGED = Path("models/merged")  # <method>/seed_<n>: the collapsed model
 MERGED_FT = Path("models/merged_ft")  # <method>/seed_<n>: the collapsed model fine-tuned
 REPORTS = Path("reports")
 
-# the single-source baselines (params.yaml `baselines`): models/<baseline>/<source>/seed_<n>
+# the single-source baselines (params.yaml `baselines`): models/<baseline>/seed_<n>/<source>
 BASELINES = {"ft": Path("models/ft"), "lpft": Path("models/lpft")}
+PREDICTIONS = "predictions.csv"  # in every evaluated model's directory: val and test logits
 
 
 def raw_file(dataset: str) -> Path:
@@ -34,7 +37,11 @@ def seed_dir(directory: Path, seed: int) -> Path:
 
 
 def source_dir(sources_from: str, source: str, seed: int) -> Path:
-    """A source as ``merge.sources_from`` names it: pretrained (one for all seeds) or a baseline (per seed)."""
-    if sources_from == "pretrained":
-        return PRETRAINED / source
-    return seed_dir(BASELINES[sources_from] / source, seed)
+    """A source as seed ``seed`` uses it: ``pretrained`` (or used as given) or a baseline's model."""
+    root = PRETRAINED if sources_from == "pretrained" else BASELINES[sources_from]
+    return seed_dir(root, seed) / source
+
+
+def merge_dir(stage_root: Path, method: str, seed: int) -> Path:
+    """A merge's output for one seed under ``MERGE``, ``MERGED`` or ``MERGED_FT``."""
+    return seed_dir(stage_root / method, seed)

@@ -27,6 +27,7 @@ from medmerge.merge.coefficients import NORMALIZERS, initial_weights, resolve_no
 from medmerge.merge.functional import KernelMerge
 from medmerge.metrics import classification_metrics
 from medmerge.models import backbone_state, create_model, data_config, head_keys, load_backbone
+from medmerge.predictions import SPLITS, SplitPredictions
 from medmerge.train import (
     EpochResult,
     History,
@@ -36,6 +37,7 @@ from medmerge.train import (
     fit_linear_probe,
     inverse_frequency_weights,
     predict,
+    predict_logits,
     recalibrate_batchnorm,
 )
 
@@ -246,9 +248,14 @@ def test_metrics(model: nn.Module, arch: str, data: TargetData, runtime: Runtime
     return classification_metrics(labels, probabilities, data.classes)
 
 
+def split_predictions(model: nn.Module, arch: str, data: TargetData, runtime: Runtime) -> dict[str, SplitPredictions]:
+    """The model's logits on the validation and test splits (what ``evaluate`` compares)."""
+    model, transform = runtime.prepare(model), make_transform(arch, runtime)
+    return {split: SplitPredictions(*predict_logits(model, getattr(data, split), transform)) for split in SPLITS}
+
+
 def model_state_cpu(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
 
 
 def validation_f1(model: nn.Module, arch: str, data: TargetData, runtime: Runtime) -> float:

@@ -1,7 +1,9 @@
-"""What every stage script shares: logging, reading params, and turning bad input into a clear exit."""
+"""What every stage script shares: logging, reading params, the seed argument, and turning bad input into a
+clear exit."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import logging
@@ -104,16 +106,20 @@ def maybe_relaunch(params: Params, module: str, argv: Sequence[str]) -> None:
     raise SystemExit(subprocess.call(command, env=env))
 
 
-def stage_dataset(params: Params, dataset: str, batch_size: int, runtime: Runtime, seed: int | None = None
-                  ) -> TargetData:
+def add_seed_argument(parser: argparse.ArgumentParser) -> None:
+    """``--seed N``: the one seed a per-seed stage runs (``dvc.yaml`` passes each of ``params.yaml`` seeds)."""
+    parser.add_argument("--seed", type=int, required=True, help="the seed of this run (one of params.yaml seeds)")
+
+
+def stage_dataset(params: Params, dataset: str, batch_size: int, runtime: Runtime, seed: int) -> TargetData:
     """A prepared dataset's splits, batched with the loader settings of ``params.data``; the training split
-    is shuffled with ``seed`` (default ``data.seed``)."""
+    is shuffled with ``seed``."""
     from medmerge import layout
     from medmerge.pipeline import open_dataset
 
     pin = params.data.pin_memory == "on" or (params.data.pin_memory == "auto" and runtime.device.type == "cuda")
     return open_dataset(layout.processed_dir(dataset), batch_size, params.evaluate.batch_size,
-                        params.data.seed if seed is None else seed, workers=params.data.loader_workers,
+                        seed, workers=params.data.loader_workers,
                         pin_memory=pin)
 
 

@@ -82,6 +82,12 @@ def predict(model: nn.Module, batches: ArrayBatches, transform: DeviceTransform)
     return map_batches(lambda x: torch.softmax(model(x).float(), dim=1), model, batches, transform)
 
 
+def predict_logits(model: nn.Module, batches: ArrayBatches, transform: DeviceTransform
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for every sample, in order (eval mode)."""
+    return map_batches(lambda x: model(x).float(), model, batches, transform)
+
+
 def evaluate_loss_f1(
     model: nn.Module, batches: ArrayBatches, transform: DeviceTransform, num_classes: int
 ) -> tuple[float, float]:

@@ -1,17 +1,16 @@
-"""Stage learn_weights@<method>: one compared merge's coefficients and head, per seed.
+"""Stage learn_weights@<method>-<seed>: one compared merge's coefficients and head, for one seed.
 
-Reads the sources (models/<merge.sources_from>/...) and the prepared target data; runs ``methods.<method>``
-(average, interpolate or medmerge at its granularity; aligned first if ``align: weight_matching``) and
-writes models/merge/<method>/seed_<n>/: coefficients.safetensors (normalised weight of each source per
+Reads that seed's sources (models/<merge.sources_from>/seed_<n>/<source>, and models/sources/<source> for
+a source used as given) and the prepared target data; runs ``methods.<method>`` (average, interpolate or
+medmerge at its granularity; aligned first if ``align: weight_matching``) and writes
+models/merge/<method>/seed_<n>/: coefficients.safetensors (normalised weight of each source per
 coefficient group), merge_state.safetensors (logits, head, BN buffers: what collapse needs besides the
 sources), permutations.safetensors (when aligned), layers.csv + layers.png (mean coefficient of each
 source per layer) and merge.json.
 """
 
 import argparse
-import functools
 import sys
-from pathlib import Path
 
 from safetensors.torch import save_file
 
@@ -22,6 +21,7 @@ from medmerge.models import load_model_dir
 from medmerge.pipeline import align_sources, merge_state_to_save
 from medmerge.plots import plot_layer_coefficients
 from medmerge.stage import (
+    add_seed_argument,
     maybe_relaunch,
     run,
     seed_everything,
@@ -39,13 +39,9 @@ def flat_permutations(permutations: dict) -> dict:
             for space, perm in perms.items()}
 
 
-@functools.lru_cache(maxsize=1)
-def merge_sources(arch: str, names: tuple[str, ...], dirs: tuple[Path, ...], anchor: str, align: str) -> tuple:
-    """The sources in ``dirs``, aligned onto ``anchor`` if asked, with permutations and alignment report.
-
-    Cached: with ``merge.sources_from: pretrained`` every seed merges the same sources, which are then read
-    and aligned once instead of once per seed (merges copy the tensors, so sharing them is safe)."""
-    sources = [load_model_dir(directory)[0] for directory in dirs]
+def merge_sources(arch: str, names: list[str], sources_from: str, seed: int, anchor: str, align: str) -> tuple:
+    """Seed ``seed``'s sources, aligned onto ``anchor`` if asked, with permutations and alignment report."""
+    sources = [load_model_dir(layout.source_dir(sources_from, name, seed))[0] for name in names]
     if align == "weight_matching":
         return align_sources(arch, sources, names, anchor)
     return sources, {}, {}
@@ -54,55 +50,51 @@ def merge_sources(arch: str, names: tuple[str, ...], dirs: tuple[Path, ...], anc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", help="a key of params.yaml methods")
+    add_seed_argument(parser)
     args = parser.parse_args()
     params, flat = stage_params()
-    settings, names = params.method(args.method), params.source_names
+    settings, names, seed = params.method(args.method), params.source_names, args.seed
     maybe_relaunch(params, "stages.learn_weights", sys.argv[1:])  # device.processes > 1: rerun under torchrun
     runtime = stage_runtime(params)
-    with stage_output(layout.MERGE / args.method) as out:
-        for seed in params.seeds:
-            seed_everything(seed)
-            data = stage_dataset(params, params.data.target, settings.batch_size, runtime, seed=seed)
-            dirs = tuple(layout.source_dir(settings.sources_from, name, seed) for name in names)
-            sources, permutations, alignment = merge_sources(params.arch, tuple(names), dirs, settings.anchor,
-                                                             settings.align)
-            tags = {"method": args.method, "merge_method": settings.method, "seed": str(seed),
-                    "granularity": settings.granularity, "align": settings.align}
-            with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
-                           run_name=f"{args.method} seed {seed}", tags=tags) as tracker:
-                result = run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed,
-                                                      on_epoch=tracker.log_epoch))
-                if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them
-                    continue
-                merge = result.merge.cpu()
-                summary, means = merge.layer_summary(), merge.source_means()
-                seed_out = layout.seed_dir(out, seed)
-                seed_out.mkdir(parents=True)
-                save_file(merge.coefficient_tensors(), seed_out / "coefficients.safetensors",
-                          metadata={"sources": ",".join(names), "method": settings.method,
-                                    "granularity": merge.granularity})
-                save_file(merge_state_to_save(merge), seed_out / "merge_state.safetensors")
-                if permutations:
-                    save_file(flat_permutations(permutations), seed_out / "permutations.safetensors")
-                summary.to_csv(seed_out / "layers.csv", index=False)
-                plot_layer_coefficients(summary, names, seed_out / "layers.png",
-                                        title=f"{args.method} (seed {seed}): mean coefficient per layer")
-                write_json(seed_out / "merge.json", {
-                    "name": args.method, "method": settings.method, "seed": seed, "arch": params.arch,
-                    "sources": names, "sources_from": settings.sources_from, "classes": data.classes,
-                    "num_classes": data.num_classes, "granularity": merge.granularity,
-                    "normalization": merge.normalizer.name, "anchor": settings.anchor, "align": settings.align,
-                    "alignment": alignment, "train_sources": settings.train_sources,
-                    "best_val_f1_macro": result.val_f1, "mean_coefficient": means, **result.details,
-                })
-                tracker.log_metrics({f"coef_mean.{name}": value for name, value in means.items()})
-                tracker.log_metrics({"best_val_f1_macro": result.val_f1})
-                if "alpha" in result.details:
-                    tracker.log_metrics({"alpha": result.details["alpha"]})
-                for name, report in alignment.items():
-                    tracker.log_metrics({f"align.{name}.{key}": value for key, value in report.items()})
-                tracker.log_artifacts(seed_out, artifact_path="coefficients")
-
+    seed_everything(seed)
+    data = stage_dataset(params, params.data.target, settings.batch_size, runtime, seed=seed)
+    sources, permutations, alignment = merge_sources(params.arch, names, settings.sources_from, seed,
+                                                     settings.anchor, settings.align)
+    tags = {"method": args.method, "merge_method": settings.method, "seed": str(seed),
+            "granularity": settings.granularity, "align": settings.align}
+    with stage_output(layout.merge_dir(layout.MERGE, args.method, seed)) as out:
+        with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
+                       run_name=f"{args.method} seed {seed}", tags=tags) as tracker:
+            result = run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed,
+                                                  on_epoch=tracker.log_epoch))
+            if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them
+                return
+            merge = result.merge.cpu()
+            summary, means = merge.layer_summary(), merge.source_means()
+            save_file(merge.coefficient_tensors(), out / "coefficients.safetensors",
+                      metadata={"sources": ",".join(names), "method": settings.method,
+                                "granularity": merge.granularity})
+            save_file(merge_state_to_save(merge), out / "merge_state.safetensors")
+            if permutations:
+                save_file(flat_permutations(permutations), out / "permutations.safetensors")
+            summary.to_csv(out / "layers.csv", index=False)
+            plot_layer_coefficients(summary, names, out / "layers.png",
+                                    title=f"{args.method} (seed {seed}): mean coefficient per layer")
+            write_json(out / "merge.json", {
+                "name": args.method, "method": settings.method, "seed": seed, "arch": params.arch,
+                "sources": names, "sources_from": settings.sources_from, "classes": data.classes,
+                "num_classes": data.num_classes, "granularity": merge.granularity,
+                "normalization": merge.normalizer.name, "anchor": settings.anchor, "align": settings.align,
+                "alignment": alignment, "train_sources": settings.train_sources,
+                "best_val_f1_macro": result.val_f1, "mean_coefficient": means, **result.details,
+            })
+            tracker.log_metrics({f"coef_mean.{name}": value for name, value in means.items()})
+            tracker.log_metrics({"best_val_f1_macro": result.val_f1})
+            if "alpha" in result.details:
+                tracker.log_metrics({"alpha": result.details["alpha"]})
+            for name, report in alignment.items():
+                tracker.log_metrics({f"align.{name}.{key}": value for key, value in report.items()})
+            tracker.log_artifacts(out, artifact_path="coefficients")
 
 if __name__ == "__main__":
     run(main)

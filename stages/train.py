@@ -1,11 +1,13 @@
-"""Stages pretrain@<source>, baseline@<recipe>-<source> and finetune_merged@<method>: one training job.
+"""Stages pretrain@<source>-<seed>, baseline@<recipe>-<source>-<seed>, finetune_merged@<method>-<seed>.
 
-- pretrain <source>:          models/sources/<source>    on the source's own task -> models/pretrained/<source>
-- ft <source>:                models/pretrained/<source> fine-tuned on the target -> models/ft/<source>/seed_<n>
-- lpft <source>:              the same, linear probe first (LP-FT)                -> models/lpft/<source>/seed_<n>
-- finetune_merged <method>:   models/merged/<method>/seed_<n> fine-tuned           -> models/merged_ft/<method>/seed_<n>
+- pretrain <source> --seed n: models/sources/<source> trained on the source's task
+  -> models/pretrained/seed_<n>/<source>. A source without a task is used as fetched: the directory then
+  holds only a card pointing at models/sources/<source>, and nothing trains.
+- ft <source> --seed n:   models/pretrained/seed_<n>/<source> fine-tuned on the target -> models/ft/seed_<n>/<source>
+- lpft <source> --seed n: the same, linear probe first (LP-FT)                      -> models/lpft/seed_<n>/<source>
+- finetune_merged <method> --seed n: models/merged/<method>/seed_<n> fine-tuned      -> models/merged_ft/<method>/seed_<n>
 
-Pretraining runs once (``data.seed``); every target-side job runs once per seed of ``seeds``.
+Target-side models also write predictions.csv (validation and test logits), which ``evaluate`` reads.
 """
 
 import argparse
@@ -16,9 +18,11 @@ from pathlib import Path
 
 from medmerge import distributed, layout
 from medmerge.config import Params, TrainSettings
-from medmerge.models import load_model_dir, save_model_dir
-from medmerge.pipeline import model_state_cpu, test_metrics, train_classifier
+from medmerge.models import load_model_dir, save_model_dir, write_pointer_dir
+from medmerge.pipeline import model_state_cpu, split_predictions, test_metrics, train_classifier
+from medmerge.predictions import write_predictions
 from medmerge.stage import (
+    add_seed_argument,
     maybe_relaunch,
     run,
     seed_everything,
@@ -35,7 +39,7 @@ JOBS = ("pretrain", "ft", "lpft", "finetune_merged")
 
 @dataclass
 class Job:
-    """One training job: where it starts, what it trains on, where it writes (per seed if ``seeds``)."""
+    """One training job: where it starts, what it trains on, where it writes."""
 
     stage: str
     init_dir: Path
@@ -45,66 +49,79 @@ class Job:
     out_dir: Path
     label: str
     tags: dict
-    seeds: list[int]
-    per_seed_init: bool = False  # init_dir holds seed_<n> directories
     keep_head: bool = False
     linear_probe: bool = False
 
+    @property
+    def on_target(self) -> bool:
+        return self.stage != "pretrain"
 
-def job_for(stage: str, name: str, params: Params) -> Job:
-    """The job for ``python -m stages.train <stage> <name>``; an unknown name stops with the valid ones."""
+
+def job_for(stage: str, name: str, seed: int, params: Params) -> Job | None:
+    """The job for ``python -m stages.train <stage> <name> --seed <seed>``; None for pretraining a source that
+    is used as given. An unknown name stops with the valid ones."""
+    tags = {"seed": str(seed)}
     if stage == "finetune_merged":
         if name not in params.methods:
             raise SystemExit(f"{stage}: unknown method '{name}'; params.yaml methods are {sorted(params.methods)}")
-        return Job(stage, layout.MERGED / name, params.data.target, params.finetune,
-                   params.method(name).finetune_epochs, layout.MERGED_FT / name, f"finetune merged {name}",
-                   {"method": name}, params.seeds, per_seed_init=True, keep_head=True)
+        return Job(stage, layout.merge_dir(layout.MERGED, name, seed), params.data.target, params.finetune,
+                   params.method(name).finetune_epochs, layout.merge_dir(layout.MERGED_FT, name, seed),
+                   f"finetune merged {name} seed {seed}", {**tags, "method": name}, keep_head=True)
     if name not in params.sources:
         raise SystemExit(f"{stage}: unknown source '{name}'; params.yaml sources are {sorted(params.sources)}")
     if stage == "pretrain":
         task = params.sources[name].task
-        return Job(stage, layout.SOURCES / name, task, params.pretrain, params.pretrain.epochs,
-                   layout.PRETRAINED / name, f"pretrain {name} on {task}", {"source": name}, [params.data.seed])
-    return Job(stage, layout.PRETRAINED / name, params.data.target, params.finetune, params.finetune.epochs,
-               layout.BASELINES[stage] / name, f"{stage} {name}", {"source": name, "method": f"{stage}_{name}"},
-               params.seeds, linear_probe=stage == "lpft")
+        if task is None:
+            return None
+        settings = params.pretrain_settings(name)
+        return Job(stage, layout.SOURCES / name, task, settings, settings.epochs,
+                   layout.source_dir("pretrained", name, seed), f"pretrain {name} on {task} seed {seed}",
+                   {**tags, "source": name})
+    return Job(stage, layout.source_dir("pretrained", name, seed), params.data.target, params.finetune,
+               params.finetune.epochs, layout.source_dir(stage, name, seed), f"{stage} {name} seed {seed}",
+               {**tags, "source": name, "method": f"{stage}_{name}"}, linear_probe=stage == "lpft")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=JOBS)
     parser.add_argument("name", help="the source (pretrain, ft, lpft) or the method (finetune_merged)")
+    add_seed_argument(parser)
     args = parser.parse_args()
     params, flat = stage_params()
-    job = job_for(args.stage, args.name, params)
+    job = job_for(args.stage, args.name, args.seed, params)
+    if job is None:  # a source without a task: used as fetched, the same in every seed
+        write_pointer_dir(layout.source_dir("pretrained", args.name, args.seed), layout.SOURCES / args.name,
+                          {"stage": "pretrain", "as_given": True})
+        log.info("source %s has no task: used as fetched", args.name)
+        return
     maybe_relaunch(params, "stages.train", sys.argv[1:])  # device.processes > 1: rerun under torchrun
     runtime = stage_runtime(params)
-    per_seed = job.stage != "pretrain"
+    seed_everything(args.seed)
+    data = stage_dataset(params, job.dataset, job.settings.batch_size, runtime, seed=args.seed)
+    init_state, init_card = load_model_dir(job.init_dir)
     with stage_output(job.out_dir) as out:
-        for seed in job.seeds:
-            seed_everything(seed)
-            data = stage_dataset(params, job.dataset, job.settings.batch_size, runtime, seed=seed)
-            init_dir = layout.seed_dir(job.init_dir, seed) if job.per_seed_init else job.init_dir
-            init_state, init_card = load_model_dir(init_dir)
-            label = f"{job.label} seed {seed}" if per_seed else job.label
-            with stage_run(job.stage, params.mlflow.experiment, flat, params.mlflow.tracking_uri,
-                           run_name=label, tags={**job.tags, "seed": str(seed)}) as tracker:
-                model, history = train_classifier(
-                    params.arch, init_state, data, job.settings, runtime, epochs=job.epochs, seed=seed,
-                    keep_head=job.keep_head, linear_probe=job.linear_probe, on_epoch=tracker.log_epoch,
-                    description=label,
-                )
-                if history.epochs:
-                    tracker.log_metrics({"best_val_f1_macro": history.best_val_f1})
-                if job.stage == "pretrain" and distributed.is_main():
-                    metrics = test_metrics(model, params.arch, data, runtime)
-                    tracker.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
-                    log.info("%s: test macro F1 %.4f", job.label, metrics["f1_macro"])
-            card = {"arch": params.arch, "num_classes": data.num_classes, "classes": data.classes,
-                    "task": job.dataset, "stage": job.stage, "init": str(init_dir),
-                    "init_sha256": init_card.get("sha256"), "epochs": job.epochs, "best_epoch": history.best_epoch,
-                    "seed": seed, "linear_probe": job.linear_probe, **job.tags}
-            save_model_dir(layout.seed_dir(out, seed) if per_seed else out, model_state_cpu(model), card)
+        with stage_run(job.stage, params.mlflow.experiment, flat, params.mlflow.tracking_uri,
+                       run_name=job.label, tags=job.tags) as tracker:
+            model, history = train_classifier(
+                params.arch, init_state, data, job.settings, runtime, epochs=job.epochs, seed=args.seed,
+                keep_head=job.keep_head, linear_probe=job.linear_probe, on_epoch=tracker.log_epoch,
+                description=job.label,
+            )
+            if history.epochs:
+                tracker.log_metrics({"best_val_f1_macro": history.best_val_f1})
+            if not job.on_target and distributed.is_main():
+                metrics = test_metrics(model, params.arch, data, runtime)
+                tracker.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+                log.info("%s: test macro F1 %.4f", job.label, metrics["f1_macro"])
+        card = {"arch": params.arch, "num_classes": data.num_classes, "classes": data.classes,
+                "task": job.dataset, "stage": job.stage, "init": str(job.init_dir),
+                "init_sha256": init_card.get("sha256"), "epochs": job.epochs, "best_epoch": history.best_epoch,
+                "linear_probe": job.linear_probe, **job.tags, "seed": args.seed}
+        save_model_dir(out, model_state_cpu(model), card)
+        if job.on_target and distributed.is_main():
+            write_predictions(out / layout.PREDICTIONS, split_predictions(model, params.arch, data, runtime),
+                              data.classes)
 
 
 if __name__ == "__main__":

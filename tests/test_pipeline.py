@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from repo_harness import REPO, copy_repo, init_and_repro, run, stage_env
+from repo_harness import REPO, copy_repo, init_repo, run, stage_env
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +31,18 @@ def tiny_params() -> dict:
 
 MERGES = ("average", "interpolate", "medmerge", "medmerge_aligned")
 BASELINES = ("ft_imagenet", "ft_scratch", "lpft_imagenet", "lpft_scratch")
+AUDIT_LOG = "opened.jsonl"
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The tiny pipeline reproduced from a fresh repository by `dvc repro evaluate` alone (so evaluate's
+    declared dependencies must pull in every stage), with every stage's file opens recorded."""
     root = copy_repo(tmp_path_factory.mktemp("pipeline"), tiny_params())
     env = stage_env()
-    init_and_repro(root, env, "tiny pipeline")
+    init_repo(root, env, "tiny pipeline")
+    audit_log = root.parent / AUDIT_LOG
+    run(["dvc", "repro", "evaluate"], root, {**env, "MEDMERGE_AUDIT_OPENS": str(audit_log)})
     return root, env
 
 
@@ -59,7 +64,7 @@ def test_repro_writes_the_comparison_of_every_method_over_seeds(repo) -> None:
 
     root, _ = repo
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
-    assert set(metrics) == {*BASELINES, *MERGES, *(f"{m}_collapsed" for m in MERGES)}
+    assert set(metrics) == {*BASELINES, "ensemble_ft", *MERGES, *(f"{m}_collapsed" for m in MERGES)}
     for method, values in metrics.items():
         assert 0.0 <= values["f1_macro"] <= 1.0, method
         assert {"accuracy", "balanced_accuracy", "auroc_macro", "f1_macro_std"} <= set(values)
@@ -87,6 +92,72 @@ def test_repro_writes_the_comparison_of_every_method_over_seeds(repo) -> None:
     assert aligned["align"] == "weight_matching" and set(aligned["alignment"]) == {"scratch"}
     assert (root / "models/merge/medmerge_aligned/seed_0/permutations.safetensors").is_file()
     assert not (root / "models/merge/medmerge/seed_0/permutations.safetensors").exists()
+
+
+def test_report_compares_every_method_with_the_best_validated_baseline(repo) -> None:
+    import pandas as pd
+
+    root, _ = repo
+    per_seed = pd.read_csv(root / "reports/per_seed.csv")
+    validation = per_seed.groupby("method")["val_f1_macro"].mean()
+    reference = validation[list(BASELINES)].idxmax()
+    table = pd.read_csv(root / "reports/comparison.csv").set_index("method")
+    assert table.loc[reference, "verdict"] == "reference"
+    assert set(table["verdict"]) <= {"reference", "better", "worse", "no detectable difference"}
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    test = per_seed.pivot(index="seed", columns="method", values="f1_macro")
+    for method in ("medmerge", "ensemble_ft", "ft_scratch"):  # the paired difference, per seed then averaged
+        assert metrics[method]["f1_macro_diff"] == pytest.approx((test[method] - test[reference]).mean())
+        low, high = metrics[method]["f1_macro_ci_low"], metrics[method]["f1_macro_ci_high"]
+        assert low <= metrics[method]["f1_macro_diff"] <= high
+        assert metrics[method]["f1_macro_boot_low"] <= metrics[method]["f1_macro_boot_high"]
+        assert metrics[method]["verdict"] == table.loc[method, "verdict"]
+    markdown = (root / "reports/comparison.md").read_text()
+    assert f"Reference: `{reference}`" in markdown and "bootstrap 95%" in markdown and "| verdict |" in markdown
+    assert (root / "reports/differences.png").read_bytes()[:4] == b"\x89PNG"
+    ensemble = per_seed[per_seed["method"] == "ensemble_ft"]
+    assert len(ensemble) == 2 and ensemble["f1_macro"].between(0, 1).all()
+
+
+def test_every_file_a_stage_opens_is_declared(repo) -> None:
+    """The audit hook's record of every stage's opens (its imports included), against its deps and outs in
+    dvc.lock. Paths gone after the run (temporary directories, probes that found nothing) read nothing."""
+    root, _ = repo
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    allowed_everywhere = ("params.yaml", "mlflow.db", "mlartifacts/", ".git/")  # params; tracking; git metadata
+    opened = [json.loads(line) for line in (root.parent / AUDIT_LOG).read_text().splitlines()]
+    assert {entry["stage"] for entry in opened} >= {"evaluate", "pretrain@imagenet-0", "collapse@medmerge-1"}
+    assert any(entry["path"] == "medmerge/config.py" for entry in opened)  # imports are recorded too
+    within = lambda path, roots: any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)  # noqa: E731
+    undeclared = []
+    for entry in opened:
+        path, stage = entry["path"], lock[entry["stage"]]
+        if path.startswith(allowed_everywhere) or not (root / path).exists():
+            continue
+        outs = [o["path"] for o in stage.get("outs", [])]
+        declared = [d["path"] for d in stage.get("deps", [])] + outs
+        if not within(path, declared) or (entry["mode"] == "w" and not within(path, outs)):
+            undeclared.append(f"{entry['stage']}: {entry['mode']} {path}")
+    assert not undeclared, "stages open files that dvc.yaml does not declare:\n" + "\n".join(sorted(undeclared))
+
+
+def test_dag_puts_every_stage_upstream_of_the_report(repo) -> None:
+    root, env = repo
+    stages = run(["dvc", "stage", "list", "--name-only"], root, env).stdout.split()
+    upstream = run(["dvc", "dag", "--md", "evaluate"], root, env).stdout
+    missing = [name for name in stages if name not in upstream]
+    assert not missing, f"dvc dag evaluate lacks {missing}"
+    assert set(yaml.safe_load((root / "dvc.lock").read_text())["stages"]) == set(stages)
+
+
+def test_a_new_seed_runs_only_that_seeds_stages(repo) -> None:
+    root, env = repo
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
+    result = run(["dvc", "exp", "run", "--dry", "-S", "seeds=[0,1,2]"], root, env)
+    ran = [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran and all(name == "evaluate" or name.endswith("-2") for name in ran), ran
+    assert "pretrain@imagenet-2" in ran and "finetune_merged@medmerge-2" in ran and ran[-1] == "evaluate"
 
 
 def test_collapsed_checkpoints_load_strictly_into_timm(repo) -> None:
@@ -146,8 +217,8 @@ def test_exp_run_reruns_only_the_merge_stages_and_logs_the_new_lr(repo) -> None:
     run(["git", "commit", "-qm", "lock"], root, env)
     result = run(["dvc", "exp", "run", "--temp", "-n", "lr-sweep", "-S", "merge.lr=0.003"], root, env)
     output = result.stdout + result.stderr
-    assert "Running stage 'learn_weights@medmerge'" in output
-    for skipped in ("pretrain@imagenet", "baseline@ft-scratch", "baseline@lpft-imagenet", "prepare@lesions"):
+    assert "Running stage 'learn_weights@medmerge-0'" in output and "Running stage 'collapse@average-1'" in output
+    for skipped in ("pretrain@imagenet-0", "baseline@ft-scratch-1", "baseline@lpft-imagenet-0", "prepare@lesions"):
         assert f"Running stage '{skipped}'" not in output, skipped
     evaluate = [r for r in runs(root) if r.data.tags.get("stage") == "evaluate" and r.data.params["merge.lr"] == "0.003"]
     assert len(evaluate) == 1, "the temporary experiment's evaluate run did not reach the repository's store"

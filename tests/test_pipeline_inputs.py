@@ -3,7 +3,8 @@
 Datasets: ``derm`` (target, ``csv`` with patient ids, grouped splits drawn), ``folder`` (``imagefolder`` with
 split folders, mixed PNG RGB / grayscale / JPEG), ``arrays`` (``npz``), ``mnist`` (``medmnist`` from a local
 ``root``). Sources: ``a`` (``file``, a wrapped ``.pth`` with a ``module.`` prefix), ``b`` (``url``, served by a
-loopback HTTP server), ``c`` (``timm`` with a local ``file``); three sources, so ``normalization: auto`` is softmax.
+loopback HTTP server), ``c`` (``timm`` with a local ``file``, used as given: no task, so nothing pretrains it);
+three sources, so ``normalization: auto`` is softmax.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def input_params(inputs: dict, url_sha256: str | None = None) -> dict:
         "a": {"arch": ARCH, "origin": "file", "options": {"path": str(files["a"])}, "task": "folder"},
         "b": {"arch": ARCH, "origin": "url", "task": "arrays",
               "options": {"url": inputs["url"], "sha256": url_sha256 or inputs["sha256"]}},
-        "c": {"arch": ARCH, "origin": "timm", "options": {"name": ARCH, "file": str(files["c"])}, "task": "mnist"},
+        "c": {"arch": ARCH, "origin": "timm", "options": {"name": ARCH, "file": str(files["c"])}},  # as given
     }  # fmt: skip
     for section in ("pretrain", "finetune"):
         params[section].update(epochs=1, batch_size=8)
@@ -190,7 +191,7 @@ def test_repro_runs_every_dataset_and_weight_origin(repo, inputs) -> None:
 
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     merges = ("average", "medmerge", "medmerge_aligned")
-    assert set(metrics) == {"ft_a", "ft_b", "ft_c", *merges, *(f"{m}_collapsed" for m in merges)}
+    assert set(metrics) == {"ft_a", "ft_b", "ft_c", "ensemble_ft", *merges, *(f"{m}_collapsed" for m in merges)}
     for method, values in metrics.items():
         assert 0.0 <= values["f1_macro"] <= 1.0, method
 
@@ -252,3 +253,31 @@ def test_url_origin_with_wrong_sha256_stops_fetch_model_cleanly(tmp_path, inputs
     assert inputs["sha256"] in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert not (root / "models/sources/b").exists()
+
+
+def test_a_source_without_a_task_is_used_as_given(repo) -> None:
+    """``c`` has no task: no weights are trained or copied for it; its baseline and merges start from the
+    fetched file itself, and the pretrained ``a`` from its own pretraining."""
+    from medmerge.models import load_model_dir
+
+    pointer = repo / "models/pretrained/seed_0/c"
+    card = json.loads((pointer / "card.json").read_text())
+    assert card["as_given"] is True and card["weights_from"] == "models/sources/c"
+    assert not (pointer / "weights.safetensors").exists()
+    source = json.loads((repo / "models/sources/c/card.json").read_text())
+    ft = json.loads((repo / "models/ft/seed_0/c/card.json").read_text())
+    assert ft["init_sha256"] == source["sha256"]  # the baseline started from the fetched weights
+    pretrained = json.loads((repo / "models/pretrained/seed_0/a/card.json").read_text())
+    assert pretrained["stage"] == "pretrain" and pretrained["task"] == "folder" and "weights_from" not in pretrained
+    assert json.loads((repo / "models/ft/seed_0/a/card.json").read_text())["init_sha256"] == pretrained["sha256"]
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(repo)
+        state, _ = load_model_dir("models/pretrained/seed_0/c")
+    finally:
+        os.chdir(cwd)
+    assert state  # the pointer resolves to the source's weights, checked by sha256
+    report = (repo / "reports/comparison.md").read_text()
+    assert "Sources used as given (c)" in report

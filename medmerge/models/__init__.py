@@ -6,6 +6,7 @@ from .checkpoint import (
     load_state_dict_file,
     save_model_dir,
     sha256_file,
+    write_pointer_dir,
 )
 from .efficientnet_lite import remap_lukemelas_to_timm
 from .factory import (
@@ -41,4 +42,5 @@ __all__ = [
     "remap_lukemelas_to_timm",
     "save_model_dir",
     "sha256_file",
+    "write_pointer_dir",
 ]

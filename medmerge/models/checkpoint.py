@@ -169,6 +169,14 @@ def save_model_dir(out_dir: str | os.PathLike[str], state: Mapping[str, Tensor],
         _write_dir(tmp, state, card)
 
 
+def write_pointer_dir(out_dir: str | os.PathLike[str], target_dir: str | os.PathLike[str],
+                      extra: Mapping[str, Any] | None = None) -> None:
+    """A model directory holding only a card that points at ``target_dir``'s weights (checked by sha256)."""
+    card = {**_read_card(Path(target_dir) / CARD_FILE), **(extra or {}), "weights_from": str(target_dir)}
+    with atomic_directory(out_dir) as tmp:
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+
+
 def _read_card(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"model card not found: {path}")
@@ -185,10 +193,14 @@ def _read_card(path: Path) -> dict[str, Any]:
 
 
 def load_model_dir(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(state, card)`` from a dir written by :func:`save_model_dir`, after checking the card's sha256."""
+    """``(state, card)`` from a dir written by :func:`save_model_dir`, after checking the card's sha256.
+
+    A card with ``weights_from`` (a directory, relative to the working directory) points at another model
+    directory's weights instead of holding its own (a source used as given: see :func:`write_pointer_dir`).
+    """
     model_dir = Path(model_dir)
     card = _read_card(model_dir / CARD_FILE)
-    weights = model_dir / WEIGHTS_FILE
+    weights = Path(card.get("weights_from", model_dir)) / WEIGHTS_FILE  # a pointer dir: weights live there
     if not weights.is_file():
         raise CheckpointError(f"weights file not found: {weights}")
     actual = sha256_file(weights)
