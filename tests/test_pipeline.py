@@ -154,7 +154,10 @@ def test_a_new_seed_runs_only_that_seeds_stages(repo) -> None:
     root, env = repo
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
-    result = run(["dvc", "exp", "run", "--dry", "-S", "seeds=[0,1,2]"], root, env)
+    try:
+        result = run(["dvc", "exp", "run", "--dry", "-S", "seeds=[0,1,2]"], root, env)
+    finally:
+        run(["git", "checkout", "--", "params.yaml"], root, env)
     ran = [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
     assert ran and all(name == "evaluate" or name.endswith("-2") for name in ran), ran
     assert "pretrain@imagenet-2" in ran and "finetune_merged@medmerge-2" in ran and ran[-1] == "evaluate"
