@@ -141,3 +141,47 @@ def fingerprint_of_run(parts: dict) -> str:
     return fit_fingerprint(parts["model"], parts["optimizer"], (parts["train"], parts["val"]), parts["transform"], {
         "epochs": EPOCHS, "num_classes": 3, "augment": True, "keep_best": True, "class_weights": [1.0, 2.0, 1.0],
         "before_validation": False, "world_size": 1})
+
+
+# ---------------------------------------------------------------- the stage glue (medmerge/stage.py)
+
+
+@pytest.fixture
+def stage_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from medmerge import stage
+    from medmerge.config import load_params
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setattr(stage, "_resume_dirs", [])
+    return stage, load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+def test_a_stage_keeps_checkpoints_under_the_root_by_stage_and_params(stage_env, tmp_path, monkeypatch) -> None:
+    stage, params = stage_env
+    monkeypatch.setenv("DVC_STAGE", "baseline@ft-imagenet")
+    directory = stage.stage_resume(params).path
+    assert directory.parent == tmp_path.resolve() / ".medmerge" / "resume"
+    assert directory.name.startswith("baseline@ft-imagenet-")
+    assert stage.stage_resume(params).path == directory
+    other = params.model_copy(update={"seeds": [7]})
+    assert stage.stage_resume(other).path != directory
+    monkeypatch.delenv("DVC_STAGE")
+    monkeypatch.setattr("sys.argv", ["/repo/stages/train.py", "ft", "imagenet", "--seed", "0"])
+    assert stage.stage_identity() == "train_ft_imagenet_--seed_0"
+
+
+def test_run_removes_checkpoints_only_when_the_stage_succeeds(stage_env) -> None:
+    from medmerge.config import ConfigError
+
+    stage, params = stage_env
+
+    def failing() -> None:
+        ResumeDir.save(stage.stage_resume(params), "f" * 64, {"epoch": 1})
+        raise ConfigError("bad input")
+
+    with pytest.raises(SystemExit) as stopped:
+        stage.run(failing)
+    assert stopped.value.code == 1
+    [kept] = stage.stage_resume(params).path.glob("fit-*.pt")
+    stage.run(lambda: stage.stage_resume(params))
+    assert not kept.exists() and not kept.parent.exists()
