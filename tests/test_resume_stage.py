@@ -4,6 +4,7 @@ byte-identical to an uninterrupted run; the temporary output it left is invisibl
 from __future__ import annotations
 
 import hashlib
+import shlex
 import subprocess
 import sys
 import time
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.integration
 
 STAGE, SOURCE, EPOCHS = "pretrain@imagenet", "imagenet", 3
 
-# Runs the stage as DVC would, but stops dead after writing its first resume checkpoint, so that the test can
-# kill it at a known point (a plain run of the tiny stage finishes faster than anyone could kill it).
+# Runs the stage's command (``python -m <module> <args>``, passed as arguments) as DVC would, but stops dead
+# after writing its first resume checkpoint, so that the test kills it at a known point (the tiny stage would
+# finish faster than anyone could kill it).
 STOP_AFTER_FIRST_CHECKPOINT = """
 import runpy, sys, time
 from medmerge.resume import ResumeDir
@@ -27,8 +29,8 @@ def save_and_wait(self, fingerprint, state):
     save(self, fingerprint, state)
     time.sleep(600)
 ResumeDir.save = save_and_wait
-sys.argv[1:] = ["pretrain", "imagenet"]
-runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
+module, sys.argv[1:] = sys.argv[1], sys.argv[2:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
@@ -61,7 +63,9 @@ def test_a_killed_training_stage_resumes_and_ends_byte_identical(tmp_path: Path)
     expected = {name: sha256(out / name) for name in ("weights.safetensors", "card.json")}
     assert not checkpoints(root), "a succeeded stage leaves no resume checkpoint"
 
-    stage = subprocess.Popen([sys.executable, "-c", STOP_AFTER_FIRST_CHECKPOINT], cwd=root,
+    python, flag, module, *args = shlex.split(yaml.safe_load((root / "dvc.lock").read_text())["stages"][STAGE]["cmd"])
+    assert (python, flag) == ("python", "-m"), "the stage is expected to run as python -m <module>"
+    stage = subprocess.Popen([sys.executable, "-c", STOP_AFTER_FIRST_CHECKPOINT, module, *args], cwd=root,
                              env={**env, "DVC_STAGE": STAGE, "DVC_ROOT": str(root)},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
