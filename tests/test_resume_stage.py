@@ -16,7 +16,7 @@ from repo_harness import REPO, copy_repo, init_repo, run, stage_env
 
 pytestmark = pytest.mark.integration
 
-STAGE, SOURCE, EPOCHS = "pretrain@imagenet", "imagenet", 3
+STAGE, SOURCE, EPOCHS = "pretrain@imagenet-0", "imagenet", 3
 
 # Runs the stage's command (``python -m <module> <args>``, passed as arguments) as DVC would, but stops dead
 # after writing its first resume checkpoint, so that the test kills it at a known point (the tiny stage would
@@ -35,14 +35,16 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def tiny_params() -> dict:
-    """32 images of 32 px per split, two ~0.1M-parameter random sources, 3 pretraining epochs."""
+    """32 images of 32 px per split, two ~0.1M-parameter random sources, 3 pretraining epochs, one seed."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["image_size"] = 32
+    params["data"]["datasets"] = {name: params["data"]["datasets"][name] for name in ("lesions", "shapes")}
     for dataset in params["data"]["datasets"].values():
         dataset["options"].update(n_train=32, n_val=16, n_test=16, image_size=32)
     for seed, source in enumerate(params["sources"].values()):
-        source.update(arch="test_efficientnet", origin="random", options={"seed": seed})
+        source.update(arch="test_efficientnet", origin="random", options={"seed": seed}, task="shapes")
     params["pretrain"].update(epochs=EPOCHS, batch_size=8)
+    params["seeds"] = [0]
     return params
 
 
@@ -57,7 +59,7 @@ def checkpoints(root: Path) -> list[Path]:
 def test_a_killed_training_stage_resumes_and_ends_byte_identical(tmp_path: Path) -> None:
     root, env = copy_repo(tmp_path, tiny_params()), stage_env()
     init_repo(root, env, "tiny pretraining")
-    out = root / "models" / "pretrained" / SOURCE
+    out = root / "models" / "pretrained" / "seed_0" / SOURCE
 
     run(["dvc", "repro", STAGE], root, env)  # the uninterrupted run (and every stage upstream of it)
     expected = {name: sha256(out / name) for name in ("weights.safetensors", "card.json")}
