@@ -35,6 +35,7 @@ class DatasetSettings(_Section):
     origin: str
     options: dict[str, Any] = Field(default_factory=dict)
     classes: list[str] | None = None
+    ordinal: bool = False  # the labels are ordered grades (e.g. retinopathy 0-4): also report quadratic kappa
 
     @field_validator("origin")
     @classmethod

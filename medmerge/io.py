@@ -1,15 +1,62 @@
-"""Atomic writes: a stage that fails never leaves an output that a later stage could take for complete."""
+"""Atomic writes: a stage that fails never leaves an output that a later stage could take for complete.
+
+Temporaries sit beside their target as ``.<name>.tmp-<pid>-<random>`` (and ``.<name>.old-<pid>-<random>`` for
+the directory being replaced): the same file system, so the final rename is atomic. A process killed with
+``kill -9`` cannot remove its own, so the next write of the same target removes those whose process is gone;
+until then the repository's ``.dvcignore`` and ``.gitignore`` hide them (``.*.tmp-*``, ``.*.old-*``), so a
+leftover never changes the hash of a directory that a later stage depends on.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+TEMPORARY_KINDS = ("tmp", "old")
+
+
+def _prefix(name: str, kind: str) -> str:
+    """The start of this process's temporaries of ``name``: ``.<name>.<kind>-<pid>-``."""
+    return f".{name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path, stem: str | None = None) -> list[Path]:
+    """Remove the temporaries of ``path`` (see the module docstring) left by processes that no longer run.
+
+    ``stem``: the name the temporaries carry, if not ``path``'s name (:func:`atomic_file` uses the stem).
+    Returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(stem or path.name)}\.(?:{'|'.join(TEMPORARY_KINDS)})-(\d+)-")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.iterdir():
+        match = pattern.match(candidate.name)
+        if match is None or _alive(int(match[1])):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
 
 
 @contextlib.contextmanager
@@ -18,19 +65,21 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
 
     The old ``out_dir`` is moved aside before the new one is renamed into place and deleted after, so at
     every instant ``out_dir`` is either the complete old or the complete new directory. On failure the
-    temporary directory is removed and ``out_dir`` is untouched.
+    temporary directory is removed and ``out_dir`` is untouched; temporaries of ``out_dir`` that a killed
+    process left are removed first.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir)
+    temp = Path(tempfile.mkdtemp(prefix=_prefix(out_dir.name, "tmp"), dir=out_dir.parent))
     old = None
     try:
         yield temp
         os.chmod(temp, 0o755)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(out_dir.name, "old"), dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
         os.replace(temp, out_dir)
     except BaseException:
@@ -46,7 +95,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same suffix); on success it is renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    remove_stale_temporaries(path, stem=path.stem)
+    handle, name = tempfile.mkstemp(prefix=_prefix(path.stem, "tmp"), suffix=path.suffix, dir=path.parent)
     os.close(handle)
     temp = Path(name)
     try:

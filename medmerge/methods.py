@@ -35,6 +35,7 @@ from medmerge.pipeline import (
     make_transform,
     validation_f1,
 )
+from medmerge.resume import ResumeDir
 from medmerge.train import EpochResult, fit_linear_probe
 
 log = logging.getLogger("medmerge.methods")
@@ -42,7 +43,8 @@ log = logging.getLogger("medmerge.methods")
 
 @dataclass
 class MergeInputs:
-    """What a merge method may use: the sources (in ``source_names`` order) and the target task."""
+    """What a merge method may use: the sources (in ``source_names`` order) and the target task; a method that
+    trains keeps its per-epoch resume checkpoints in ``resume`` (see :func:`medmerge.train.fit`)."""
 
     arch: str
     sources: Sequence[dict[str, Tensor]]
@@ -52,6 +54,7 @@ class MergeInputs:
     runtime: Runtime
     seed: int = 0
     on_epoch: Callable[[EpochResult], None] | None = None
+    resume: ResumeDir | None = None
 
 
 @dataclass
@@ -118,7 +121,7 @@ def medmerge(inputs: MergeInputs) -> MergeResult:
     merge = build_kernel_merge(inputs.arch, inputs.sources, inputs.source_names, inputs.data.num_classes,
                                inputs.settings, seed=inputs.seed)
     history = learn_kernel_weights(merge, inputs.arch, inputs.data, inputs.settings, inputs.runtime,
-                                   seed=inputs.seed, on_epoch=inputs.on_epoch)
+                                   seed=inputs.seed, on_epoch=inputs.on_epoch, resume=inputs.resume)
     return MergeResult(merge, history.best_val_f1, {"best_epoch": history.best_epoch})
 
 

@@ -116,6 +116,18 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return (weights @ onehot).reshape(len(weights), num_classes, num_classes)
 
 
+#: the scalar test metrics every dataset reports, in report order
+REPORTED_METRICS = ("f1_macro", "accuracy", "balanced_accuracy", "auroc_macro")
+#: what an ordinal task (``data.datasets.<name>.ordinal: true``, e.g. retinopathy grades 0-4) reports as well
+ORDINAL_METRICS = ("kappa_quadratic",)
+
+
+def reported_metrics(ordinal: bool = False) -> tuple[str, ...]:
+    """The names of the scalar metrics a dataset reports (each one that :func:`scalar_metrics` computes):
+    :data:`REPORTED_METRICS`, then :data:`ORDINAL_METRICS` for an ordinal task."""
+    return (*REPORTED_METRICS, *(ORDINAL_METRICS if ordinal else ()))
+
+
 def scalar_metrics(labels: np.ndarray, probabilities: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     """Each metric of ``names``: a key of ``CONFUSION_METRICS`` or ``auroc_macro``."""
     num_classes = probabilities.shape[1]

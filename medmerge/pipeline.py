@@ -28,6 +28,7 @@ from medmerge.merge.functional import KernelMerge
 from medmerge.metrics import classification_metrics
 from medmerge.models import backbone_state, create_model, data_config, head_keys, load_backbone
 from medmerge.predictions import SPLITS, SplitPredictions
+from medmerge.resume import ResumeDir
 from medmerge.train import (
     EpochResult,
     History,
@@ -102,12 +103,14 @@ def train_classifier(
     linear_probe: bool = False,
     on_epoch: Callable[[EpochResult], None] | None = None,
     description: str = "train",
+    resume: ResumeDir | None = None,
 ) -> tuple[nn.Module, History]:
     """A timm model for ``data``'s classes from ``init_state``, fully trained.
 
     The head is replaced by a new one for ``data``'s classes unless ``keep_head`` (then the state must fit
     exactly, as a collapsed merged model does). With ``linear_probe`` the new head is first fitted on the
-    frozen backbone's features, then everything is fine-tuned (LP-FT, Kumar et al. 2022).
+    frozen backbone's features, then everything is fine-tuned (LP-FT, Kumar et al. 2022). ``resume``: where
+    the fine-tune keeps its per-epoch resume checkpoints (see :func:`medmerge.train.fit`).
     """
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=data.num_classes)
@@ -128,7 +131,7 @@ def train_classifier(
         model, optimizer, data.train, data.val, transform,
         epochs=settings.epochs if epochs is None else epochs, num_classes=data.num_classes,
         augment=settings.augment, keep_best=settings.keep_best, on_epoch=on_epoch, description=description,
-        class_weights=data.class_weights() if settings.class_weighted else None,
+        class_weights=data.class_weights() if settings.class_weighted else None, resume=resume,
     )
     return model, history
 
@@ -182,8 +185,10 @@ def learn_kernel_weights(
     *,
     seed: int = 0,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    resume: ResumeDir | None = None,
 ) -> History:
-    """Learn the coefficients (and the new head; and non-anchor sources if ``train_sources``)."""
+    """Learn the coefficients (and the new head; and non-anchor sources if ``train_sources``); ``resume`` as
+    in :func:`medmerge.train.fit`."""
     merge = runtime.prepare(merge)
     groups = merge.learnable_groups()
     optimizer = build_optimizer(
@@ -204,7 +209,7 @@ def learn_kernel_weights(
         epochs=settings.epochs, num_classes=data.num_classes, augment=True, keep_best=True,
         before_validation=lambda: recalibrate_batchnorm(merge, train_in_order, transform),
         class_weights=data.class_weights() if settings.class_weighted else None,
-        on_epoch=on_epoch, description="learn kernel weights",
+        on_epoch=on_epoch, description="learn kernel weights", resume=resume,
     )
 
 

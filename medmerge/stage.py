@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,11 +26,17 @@ from medmerge import distributed
 from medmerge.config import ConfigError, Params, flatten, load_params
 from medmerge.device import Runtime, resolve_runtime
 from medmerge.io import atomic_directory
+from medmerge.resume import ResumeDir
+from medmerge.tracking import repo_root
 
 if TYPE_CHECKING:
     from medmerge.pipeline import TargetData
 
 log = logging.getLogger("medmerge.stage")
+
+#: where training stages keep their resume checkpoints, under the repository root (git- and DVC-ignored)
+RESUME_ROOT = Path(".medmerge") / "resume"
+_resume_dirs: list[ResumeDir] = []  # this process's, removed by run() when the stage succeeds
 
 
 def input_errors() -> tuple[type[BaseException], ...]:
@@ -123,6 +132,39 @@ def stage_dataset(params: Params, dataset: str, batch_size: int, runtime: Runtim
                         pin_memory=pin)
 
 
+def stage_identity() -> str:
+    """The running stage as a file name: ``DVC_STAGE`` under DVC, else the script's name and arguments."""
+    name = os.environ.get("DVC_STAGE") or " ".join([Path(sys.argv[0]).stem, *sys.argv[1:]])
+    return re.sub(r"[^A-Za-z0-9@.=-]+", "_", name).strip("_.") or "stage"
+
+
+def stage_resume(params: Params) -> ResumeDir:
+    """Where this stage's fits keep their per-epoch resume checkpoints (``fit(resume=...)``):
+    ``<repo>/.medmerge/resume/<stage>-<hash of the params>/``, outside every declared out.
+
+    The repository root is ``DVC_ROOT``, so a stage of ``dvc exp run --temp`` or ``--queue`` finds its
+    checkpoints again after a crash, and two experiments with different params never share a directory.
+    Inside it, each fit's file is named by a fingerprint of that fit's inputs (initial weights, data, seeds,
+    settings: :func:`medmerge.resume.fit_fingerprint`), so changed input directories start afresh.
+    :func:`run` removes the directory when the stage succeeds.
+    """
+    digest = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    directory = ResumeDir(repo_root() / RESUME_ROOT / f"{stage_identity()}-{digest[:12]}")
+    if directory not in _resume_dirs:
+        _resume_dirs.append(directory)
+    return directory
+
+
+def clear_resume_checkpoints() -> None:
+    """Remove the resume checkpoints of this process's stage (it succeeded) and the folders left empty."""
+    while _resume_dirs:
+        directory = _resume_dirs.pop()
+        directory.clear()
+        for parent in (directory.path.parent, directory.path.parent.parent):
+            with contextlib.suppress(OSError):  # not empty: another stage's checkpoints
+                parent.rmdir()
+
+
 @contextlib.contextmanager
 def stage_output(out_dir: Path) -> Iterator[Path]:
     """Where a stage writes ``out_dir``: atomically replaced on success, in the main process only.
@@ -142,13 +184,16 @@ def run(main: Callable[[], None]) -> None:
     """Run a stage's ``main``; a bad input exits 1 with its message instead of a traceback.
 
     In a multi-process run every process waits for the others (rank 0 writes the outputs) before leaving
-    the process group.
+    the process group. Once the stage has succeeded, its resume checkpoints (:func:`stage_resume`) are
+    removed; a failed or killed stage keeps them for its rerun.
     """
     setup_logging()
     torch.set_num_threads(max(1, int(os.environ.get("MEDMERGE_THREADS", torch.get_num_threads()))))
     try:
         main()
         distributed.barrier()
+        if distributed.is_main():
+            clear_resume_checkpoints()
     except input_errors() as error:
         log.error("%s", error)
         sys.exit(1)

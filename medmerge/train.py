@@ -7,6 +7,7 @@ in as a module and parameter groups; the loop itself is the same.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -20,6 +21,14 @@ from tqdm.auto import tqdm
 from medmerge import distributed
 from medmerge.data.loader import ArrayBatches, DeviceTransform
 from medmerge.metrics import macro_f1
+from medmerge.resume import (
+    ResumeDir,
+    capture_rng,
+    changed_tensors,
+    fit_fingerprint,
+    restore_rng,
+    with_unchanged,
+)
 
 log = logging.getLogger("medmerge.train")
 
@@ -111,6 +120,7 @@ def fit(
     before_validation: Callable[[], None] | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
     description: str = "train",
+    resume: ResumeDir | None = None,
 ) -> History:
     """Train ``model`` with cross-entropy; validate by macro F1 after each epoch.
 
@@ -118,15 +128,27 @@ def fit(
     ``before_validation`` runs before each validation (a merge recalibrates its BatchNorm statistics there);
     ``on_epoch`` receives each epoch's result (the stages log it to MLflow).
 
+    With ``resume`` a checkpoint of the whole loop state is written there after every epoch
+    (``medmerge.resume``); a later call with the same inputs (same :func:`~medmerge.resume.fit_fingerprint`)
+    continues after the last saved epoch, first passing the saved epochs' results to ``on_epoch`` again, and
+    ends as an uninterrupted run would (bit-identical on the CPU). A fit that had finished does not train again.
+
     Under ``torchrun`` (an initialised process group, see ``medmerge.distributed``) the model is wrapped
     in DistributedDataParallel and each process trains on its shard of every global batch of ``train``;
     BatchNorm normalises with each process's own batch statistics. Validation runs on the whole ``val``
     split in every process (rank 0's result decides ``keep_best`` everywhere), and every process returns
-    the same model; the reported train loss is the mean over processes.
+    the same model; the reported train loss is the mean over processes. Rank 0 writes the resume checkpoints
+    and every process resumes from them.
     """
     runtime = transform.runtime
     history = History()
     scaler = runtime.grad_scaler()
+    fingerprint = None
+    if resume is not None:  # before the schedule rewrites the learning rates and the loader is sharded
+        fingerprint = fit_fingerprint(model, optimizer, (train, val), transform, {
+            "epochs": epochs, "num_classes": num_classes, "augment": augment, "keep_best": keep_best,
+            "class_weights": None if class_weights is None else class_weights.tolist(),
+            "before_validation": before_validation is not None, "world_size": distributed.world_size()})
     rank, world = distributed.rank(), distributed.world_size()
     if distributed.is_distributed():
         train, transform = train.shard(rank, world), transform.shard(rank, world)
@@ -138,9 +160,22 @@ def fit(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total_steps, 1), pct_start=0.1
     ) if total_steps else None
+    resumable = {"optimizer": optimizer, "scaler": scaler, "train": train, "transform": transform}
+    if scheduler is not None:
+        resumable["scheduler"] = scheduler
+    saved = resume.load(fingerprint) if resume is not None else None
+    if saved is not None:
+        best_state, best_f1 = _restore(saved, model, resumable, history, runtime.device)
+        log.info("%s: resuming after epoch %d of %d from %s", description, len(history.epochs), epochs,
+                 resume.file(fingerprint))
+        if on_epoch is not None:
+            for result in history.epochs:
+                on_epoch(result)
+    first = len(history.epochs) + 1
     quiet = {} if distributed.is_main() else {"disable": True}  # not disable=False: TQDM_DISABLE still applies
-    with tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True, mininterval=1.0, **quiet) as bar:
-        for epoch in range(1, epochs + 1):
+    with tqdm(total=total_steps, initial=(first - 1) * len(train), desc=description, unit="step",
+              dynamic_ncols=True, mininterval=1.0, **quiet) as bar:
+        for epoch in range(first, epochs + 1):
             trained.train()
             running, seen = 0.0, 0
             for images, labels in train:
@@ -170,10 +205,41 @@ def fit(
             if keep_best and val_f1 > best_f1:
                 best_f1, history.best_epoch = val_f1, epoch
                 best_state = copy.deepcopy(model.state_dict())
+            if resume is not None and distributed.is_main():
+                resume.save(fingerprint, _checkpoint(model, resumable, history, best_state, best_f1,
+                                                     runtime.device))
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)
         log.info("%s: restored epoch %d (best val macro F1 %.4f)", description, history.best_epoch, best_f1)
     return history
+
+
+def _checkpoint(model: nn.Module, resumable: dict, history: History, best_state: dict | None, best_f1: float,
+                device: torch.device) -> dict:
+    """The loop's whole state after an epoch, as plain data for :meth:`ResumeDir.save`."""
+    current = model.state_dict()
+    return {
+        "model": current,
+        **{name: part.state_dict() for name, part in resumable.items()},
+        "rng": capture_rng(device),
+        "epochs": [dataclasses.asdict(e) for e in history.epochs],
+        "best_epoch": history.best_epoch,
+        "best_f1": best_f1,
+        "best_state": None if best_state is None else changed_tensors(best_state, current),
+    }
+
+
+def _restore(saved: dict, model: nn.Module, resumable: dict, history: History, device: torch.device
+             ) -> tuple[dict | None, float]:
+    """Put the state of :func:`_checkpoint` back; returns the best epoch's state and score."""
+    model.load_state_dict(saved["model"])
+    for name, part in resumable.items():
+        part.load_state_dict(saved[name])
+    restore_rng(saved["rng"], device)
+    history.epochs[:] = [EpochResult(**e) for e in saved["epochs"]]
+    history.best_epoch = saved["best_epoch"]
+    best = saved["best_state"]
+    return (None if best is None else with_unchanged(best, model.state_dict())), saved["best_f1"]
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from medmerge.stage import (
     stage_dataset,
     stage_output,
     stage_params,
+    stage_resume,
     stage_runtime,
 )
 from medmerge.tracking import stage_run
@@ -66,7 +67,7 @@ def main() -> None:
         with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
                        run_name=f"{args.method} seed {seed}", tags=tags) as tracker:
             result = run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed,
-                                                  on_epoch=tracker.log_epoch))
+                                                  on_epoch=tracker.log_epoch, resume=stage_resume(params)))
             if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them
                 return
             merge = result.merge.cpu()

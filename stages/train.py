@@ -29,6 +29,7 @@ from medmerge.stage import (
     stage_dataset,
     stage_output,
     stage_params,
+    stage_resume,
     stage_runtime,
 )
 from medmerge.tracking import stage_run
@@ -106,7 +107,7 @@ def main() -> None:
             model, history = train_classifier(
                 params.arch, init_state, data, job.settings, runtime, epochs=job.epochs, seed=args.seed,
                 keep_head=job.keep_head, linear_probe=job.linear_probe, on_epoch=tracker.log_epoch,
-                description=job.label,
+                description=job.label, resume=stage_resume(params),
             )
             if history.epochs:
                 tracker.log_metrics({"best_val_f1_macro": history.best_val_f1})

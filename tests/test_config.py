@@ -126,3 +126,13 @@ def test_interpolate_needs_exactly_two_sources(raw: dict) -> None:
         parse_params(raw)
     del raw["methods"]["interpolate"]
     assert parse_params(raw).method("average").method == "average"
+
+
+def test_a_dataset_is_ordinal_only_when_it_says_so(raw: dict) -> None:
+    target = raw["data"]["target"]
+    assert parse_params(raw).data.datasets[target].ordinal is False
+    raw["data"]["datasets"][target]["ordinal"] = True
+    assert parse_params(raw).data.datasets[target].ordinal is True
+    raw["data"]["datasets"][target]["ordinal"] = "graded"
+    with pytest.raises(ConfigError, match=rf"data\.datasets\.{target}\.ordinal: Input should be a valid boolean"):
+        parse_params(raw)

@@ -264,3 +264,29 @@ def test_without_recalibration_bn_statistics_are_blended_like_their_layer() -> N
     torch.testing.assert_close(blended, expected)
     recalibrated = collapse(merge, ARCH, 3, tiny_task(), CPU).state_dict()[key]
     assert not torch.allclose(recalibrated, blended)
+
+
+def test_an_interrupted_medmerge_resumes_to_the_same_coefficients(tmp_path) -> None:
+    import dataclasses
+
+    from medmerge.resume import ResumeDir
+
+    reference = run_merge_method(inputs("medmerge", epochs=3))
+    resume = ResumeDir(tmp_path / "resume")
+
+    def stop(result) -> None:
+        if result.epoch == 2:
+            raise KeyboardInterrupt  # what Ctrl-C does to a stage: the checkpoint of epoch 1 remains
+
+    with pytest.raises(KeyboardInterrupt):
+        run_merge_method(dataclasses.replace(inputs("medmerge", epochs=3), on_epoch=stop, resume=resume))
+    seen = []
+    resumed = run_merge_method(dataclasses.replace(inputs("medmerge", epochs=3), on_epoch=seen.append, resume=resume))
+    assert [e.epoch for e in seen] == [1, 2, 3]
+    assert resumed.val_f1 == reference.val_f1 and resumed.details == reference.details
+    ours, theirs = resumed.merge.state_dict(), reference.merge.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    other = dataclasses.replace(inputs("medmerge", epochs=3, granularity="layer"), resume=resume, on_epoch=stop)
+    with pytest.raises(KeyboardInterrupt):  # another merge of the same sources does not take this checkpoint
+        run_merge_method(other)
+    assert len(list(resume.path.glob("fit-*.pt"))) == 2

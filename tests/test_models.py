@@ -197,6 +197,29 @@ def test_non_tensor_value_is_refused_by_key(tmp_path):
         load_state_dict_file(path)
 
 
+@pytest.mark.parametrize("size", [0, 100, 10_000])
+def test_random_bytes_are_refused_with_the_expected_formats(tmp_path, size):
+    path = tmp_path / "noise.pth"
+    path.write_bytes(np.random.default_rng(size).bytes(size))
+    with pytest.raises(CheckpointError, match=r"cannot read .*noise\.pth: expected a safetensors file or a torch "
+                                              r"state dict saved with torch\.save, but the file (starts with|is empty)"):
+        fetch_weights(TINY, "file", {"path": path})
+
+
+def test_truncated_torch_save_is_refused_as_corrupt(tmp_path, tiny_state):
+    path = tmp_path / "cut.pt"
+    torch.save(tiny_state, path)
+    path.write_bytes(path.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match=r"cannot read .*cut\.pt: expected .*torch\.save.*corrupt or truncated"):
+        load_state_dict_file(path)
+
+
+def test_safetensors_under_a_torch_suffix_still_loads(tmp_path, tiny_state):
+    path = tmp_path / "renamed.pth"
+    safetensors.torch.save_file(tiny_state, str(path))
+    assert all(torch.equal(load_state_dict_file(path)[k], v) for k, v in tiny_state.items())
+
+
 def test_unsupported_suffix(tmp_path):
     (tmp_path / "w.npz").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"'\.npz'"):

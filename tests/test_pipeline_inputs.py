@@ -281,3 +281,18 @@ def test_a_source_without_a_task_is_used_as_given(repo) -> None:
     assert state  # the pointer resolves to the source's weights, checked by sha256
     report = (repo / "reports/comparison.md").read_text()
     assert "Sources used as given (c)" in report
+
+
+def test_random_bytes_as_a_file_source_stop_fetch_model_with_one_line(tmp_path, inputs) -> None:
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    params = input_params(inputs)
+    params["sources"]["a"]["options"]["path"] = str(noise)
+    (tmp_path / "repo").mkdir()
+    root = copy_repo(tmp_path / "repo", params)
+    result = run([sys.executable, "-m", "stages.fetch_model", "a"], root, stage_env(), check=False)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot read {noise}: expected a safetensors file or a torch state dict saved with torch.save" \
+        in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "IndexError" not in result.stderr, result.stderr
+    assert not (root / "models/sources/a").exists()

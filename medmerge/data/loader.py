@@ -65,6 +65,13 @@ class ArrayBatches:
         """Samples per step over all processes: ``batch_size`` rounded down to a multiple of ``world_size``."""
         return self.batch_size - self.batch_size % self.world_size
 
+    def state_dict(self) -> dict[str, int]:
+        """What decides the next epoch's order besides the settings: the number of epochs drawn so far."""
+        return {"epoch": self._epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch = int(state["epoch"])
+
     def shard(self, rank: int, world_size: int) -> ArrayBatches:
         """The same data and order, iterated as process ``rank`` of ``world_size``."""
         sharded = replace(self, rank=rank, world_size=world_size)
@@ -137,6 +144,13 @@ class DeviceTransform:
         self.std = torch.tensor(std, device=runtime.device).view(1, -1, 1, 1) * 255.0
         self.generator = torch.Generator(device=runtime.device).manual_seed(seed)
         self.rank, self.world_size = 0, 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The augmentation stream's position (a resumed run draws the same flips)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])
 
     def shard(self, rank: int, world_size: int) -> DeviceTransform:
         """A view for process ``rank`` of ``world_size`` (sharing this transform's random stream)."""

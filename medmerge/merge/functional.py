@@ -124,6 +124,10 @@ class KernelMerge(nn.Module):
         )
         self._init_buffers(sources, init_weights)
 
+    def extra_repr(self) -> str:
+        """What ``repr`` shows besides the modules (and what a resume fingerprint tells merges apart by)."""
+        return f"sources={self.source_names}, granularity={self.granularity!r}, normalization={self.normalizer.name!r}"
+
     @torch.no_grad()
     def _init_buffers(self, sources: Sequence[dict[str, Tensor]], init_weights: Tensor) -> None:
         """Start the skeleton's float buffers (BN statistics) at the initial blend of the sources', and keep

@@ -70,13 +70,36 @@ def _load_safetensors(path: Path) -> Any:
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
 
 
+#: how a file saved by ``torch.save`` begins: a zip archive (torch >= 1.6) or a pickle (protocol 2-5)
+TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+EXPECTED_FORMATS = "expected a safetensors file or a torch state dict saved with torch.save"
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """A safetensors file begins with the 8-byte little-endian length of its JSON header, then ``{``."""
+    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
 def _load_torch(path: Path) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if _looks_like_safetensors(head):  # a safetensors file under a torch suffix: still safe to read
+        return _load_safetensors(path)
+    if not head.startswith(TORCH_SAVE_MAGIC):
+        start = f"starts with bytes {head[:8].hex(' ')}" if head else "is empty"
+        raise CheckpointError(f"cannot read {path}: {EXPECTED_FORMATS}, but the file {start} (is it corrupt "
+                              "or truncated?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: not plain tensors (the pickle needs globals outside torch's "
             f"weights_only allowlist; convert it to safetensors where it is trusted). Details: {str(e)[:300]}"
+        ) from e
+    except Exception as e:  # a truncated zip or pickle: RuntimeError, EOFError, IndexError...
+        raise CheckpointError(
+            f"cannot read {path}: {EXPECTED_FORMATS}; it starts like a torch.save file but does not load "
+            f"({type(e).__name__}: {str(e)[:200]}; is it corrupt or truncated?)"
         ) from e
 
 
