@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-SCALARS = ("f1_macro", "accuracy", "balanced_accuracy", "auroc_macro")
+from medmerge.metrics import REPORTED_METRICS
+
+SCALARS = REPORTED_METRICS
 HEADERS = {"f1_macro": "macro F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
            "auroc_macro": "macro AUROC", "kappa_quadratic": "quadratic kappa"}
 DIFFERENCE_COLUMNS = ("diff", "t_low", "t_high", "boot_low", "boot_high", "verdict")

@@ -27,12 +27,11 @@ from medmerge import layout
 from medmerge.compare import paired_difference, resample_weights
 from medmerge.config import Params
 from medmerge.io import atomic_directory, write_json
-from medmerge.metrics import CONFUSION_METRICS, confusion_matrix, scalar_metrics
+from medmerge.metrics import CONFUSION_METRICS, confusion_matrix, reported_metrics, scalar_metrics
 from medmerge.plots import plot_comparison, plot_confusion, plot_differences, plot_layerwise
 from medmerge.predictions import SplitPredictions, class_names, read_predictions
 from medmerge.report import (
     HEADERS,
-    SCALARS,
     comparison_markdown,
     layerwise,
     report_header,
@@ -116,8 +115,7 @@ def learned_layerwise(params: Params) -> dict[str, pd.DataFrame]:
 def main() -> None:
     params, flat = stage_params()
     settings, seeds = params.evaluate, params.seeds
-    ordinal = bool(getattr(params.data.datasets[params.data.target], "ordinal", False))
-    scalars = (*SCALARS, "kappa_quadratic") if ordinal else SCALARS
+    scalars = reported_metrics(params.data.datasets[params.data.target].ordinal)
     methods = evaluated_methods(params)
     predictions = gather_predictions(methods, seeds)
     first_dir = next(m for m in methods if m.model_dir).model_dir(seeds[0])
