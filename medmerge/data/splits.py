@@ -1,5 +1,4 @@
-"""Train/val/test assignment for image datasets (stratified by label, grouped by patient) and the
-``<name>.splits.csv`` audit manifest.
+"""Train/val/test assignment for image datasets (stratified by label, grouped by patient).
 
 Missing splits are carved out of the training pool with scikit-learn's ``StratifiedGroupKFold``
 (shuffled with ``seed``): a fraction ``f`` becomes one of ``k = round(1 / f)`` folds, so the realised
@@ -11,17 +10,14 @@ the rest is taken, so every class with images stays in train.
 
 from __future__ import annotations
 
-import csv
 import logging
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from medmerge.data.manifest import manifest_path, write_manifest  # noqa: F401  (re-exported)
 from medmerge.data.npz import SPLITS, DataError
-from medmerge.io import atomic_file
 
 log = logging.getLogger("medmerge.data")
 
@@ -36,7 +32,6 @@ SPLIT_ALIASES: dict[str, str] = {
     "test": "test",
     "testing": "test",
 }
-MANIFEST_COLUMNS = ("path", "label", "split", "group")
 
 
 def canonical_split(name: str) -> str | None:
@@ -114,17 +109,3 @@ def split_order(splits: np.ndarray) -> dict[str, np.ndarray]:
     if empty:
         raise DataError(f"split(s) {empty} have no images; expected images in each of {list(SPLITS)}")
     return order
-
-
-def manifest_path(npz_path: Path) -> Path:
-    """``<dir>/<name>.splits.csv`` next to ``<dir>/<name>.npz``."""
-    return npz_path.with_name(f"{npz_path.stem}.splits.csv")
-
-
-def write_manifest(path: Path, rows: Sequence[tuple[str, str, str, str]]) -> Path:
-    """Write (path, label, split, group) rows as CSV via a temporary sibling + ``os.replace``."""
-    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(rows)
-    return path
