@@ -70,7 +70,13 @@ def carve(
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        folds = [fold for _, fold in splitter.split(pool, labels[pool], groups[pool])]
+        try:
+            folds = [fold for _, fold in splitter.split(pool, labels[pool], groups[pool])]
+        except ValueError as err:  # e.g. every class has fewer than k images
+            raise DataError(
+                f"{what}: cannot take 1 of {k} stratified folds ({err}); lower val_fraction/test_fraction, "
+                "add images or give the splits"
+            ) from None
     chosen = next((fold for fold in folds if _keeps_all_classes(labels[pool], fold)), folds[0])
     return pool[np.sort(chosen)]
 
