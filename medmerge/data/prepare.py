@@ -17,6 +17,7 @@ Output directory layout (written atomically)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -133,42 +134,66 @@ def _chunks(items: Sequence) -> Iterator[tuple[int, Sequence]]:
         yield start, items[start : start + CHUNK]
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # spawn: the workers do not inherit the parent's memory (torch, the labels) nor its threads
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+def _files(items: Sequence) -> bool:
+    return not isinstance(items, np.ndarray)
 
 
-def _fill_parallel(dest: Path, items: Sequence, size: int, policy: str, workers: int) -> Iterator[ChunkReport]:
-    """Chunks over ``workers`` processes, at most two per worker in flight, reports in order."""
-    with _pool(workers) as pool:
-        pending: deque[Future] = deque()
-        try:
-            for start, chunk in _chunks(items):
-                pending.append(pool.submit(fill_chunk, str(dest), start, list(chunk), size, policy))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
+@dataclass
+class Workers:
+    """A pool of decoding processes and how many it has."""
+
+    pool: ProcessPoolExecutor
+    count: int
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, splits: Sequence[Sequence]) -> Iterator[Workers | None]:
+    """``workers`` decoding processes when there are files to decode in more than one chunk, else None.
+
+    The processes are spawned, so they inherit neither the parent's memory (torch, the labels) nor its
+    threads; one pool serves every split.
+    """
+    if workers <= 1 or not any(_files(items) and len(items) > CHUNK for items in splits):
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield Workers(pool, workers)
+
+
+def _fill_parallel(workers: Workers, dest: Path, items: Sequence, size: int, policy: str) -> Iterator[ChunkReport]:
+    """Chunks over the worker processes, at most two per process in flight, reports in order."""
+    window = 2 * workers.count
+    pending: deque[Future] = deque()
+    try:
+        for start, chunk in _chunks(items):
+            pending.append(workers.pool.submit(fill_chunk, str(dest), start, list(chunk), size, policy))
+            if len(pending) >= window:
                 yield pending.popleft().result()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def write_images(
-    dest: Path, items: Sequence, size: int, policy: str = DEFAULT_RESIZE, workers: int = 1, label: str = ""
+    dest: Path,
+    items: Sequence,
+    size: int,
+    policy: str = DEFAULT_RESIZE,
+    workers: Workers | None = None,
+    label: str = "",
 ) -> set[bytes]:
     """Preallocate ``dest`` as uint8 (N, size, size, 3) ``.npy`` and fill it; return the image hashes.
 
-    Files are decoded in ``workers`` processes (in this process for 1); arrays always here (they are in
-    memory already).
+    Files are decoded by the ``workers`` processes when given (see :func:`worker_pool`), arrays always in
+    this process (they are in memory already).
     """
     check_policy(policy)
     np.lib.format.open_memmap(dest, mode="w+", dtype=np.uint8, shape=(len(items), size, size, 3)).flush()
-    parallel = workers > 1 and not isinstance(items, np.ndarray) and len(items) > CHUNK
     reports = (
-        _fill_parallel(dest, items, size, policy, workers)
-        if parallel
+        _fill_parallel(workers, dest, items, size, policy)
+        if workers is not None and _files(items)
         else (fill_chunk(str(dest), start, chunk, size, policy) for start, chunk in _chunks(items))
     )
     hashes: set[bytes] = set()
@@ -236,10 +261,10 @@ def prepare_dataset(
     imbalance = imbalance_ratio(counts["train"])
     log_imbalance(counts["train"], imbalance, source)
     hashes = {}
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp, worker_pool(workers, list(items.values())) as decoders:
         for split in SPLITS:
             hashes[split] = write_images(
-                tmp / f"{split}_images.npy", items[split], size, resize, workers, f"{source} [{split}]"
+                tmp / f"{split}_images.npy", items[split], size, resize, decoders, f"{source} [{split}]"
             )
             np.save(tmp / f"{split}_labels.npy", labels[split].astype(np.int64))
         meta = {
