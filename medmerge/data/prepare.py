@@ -30,12 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medmerge.data.images import load_rgb, warn_upscaled
+from medmerge.data import decode
+from medmerge.data.decode import ChunkReport
+from medmerge.data.images import warn_upscaled
 from medmerge.data.manifest import ImageManifest, manifest_path, read_image_manifest
 from medmerge.data.npz import SPLITS, DataError, RawDataset, load_npz
-from medmerge.data.resize import DEFAULT_RESIZE, check_policy, resize_image, resize_images, to_rgb  # noqa: F401
+from medmerge.data.resize import DEFAULT_RESIZE, check_policy, resize_images, to_rgb  # noqa: F401
 from medmerge.data.subsample import subsample_train
-from medmerge.data.validate import check_missing_classes, image_digest, log_imbalance, warn_duplicates
+from medmerge.data.validate import check_missing_classes, log_imbalance, warn_duplicates
 from medmerge.io import atomic_directory
 
 log = logging.getLogger("medmerge.data")
@@ -105,30 +107,6 @@ def imbalance_ratio(counts: dict[str, int]) -> float | None:
 # ---------------------------------------------------------------- writing
 
 
-@dataclass
-class ChunkReport:
-    """What a filled chunk tells the caller: the image hashes (duplicate check) and upscaled items."""
-
-    hashes: list[bytes]
-    small: list[str]
-
-
-def fill_chunk(dest: str, start: int, items: Sequence, size: int, policy: str) -> ChunkReport:
-    """Load, resize and write ``items`` (files or arrays) into rows ``start:`` of the ``.npy`` at ``dest``."""
-    out = np.empty((len(items), size, size, 3), dtype=np.uint8)
-    small = []
-    for i, item in enumerate(items):
-        image = load_rgb(item, size)
-        if not isinstance(item, np.ndarray) and min(image.shape[:2]) < size:
-            small.append(str(item))
-        out[i] = resize_image(image, size, policy)
-    target = np.load(dest, mmap_mode="r+")
-    target[start : start + len(items)] = out
-    target.flush()
-    del target  # unmapped: the written pages leave this process
-    return ChunkReport([image_digest(image) for image in out], small)
-
-
 def _chunks(items: Sequence) -> Iterator[tuple[int, Sequence]]:
     for start in range(0, len(items), CHUNK):
         yield start, items[start : start + CHUNK]
@@ -150,13 +128,16 @@ class Workers:
 def worker_pool(workers: int, splits: Sequence[Sequence]) -> Iterator[Workers | None]:
     """``workers`` decoding processes when there are files to decode in more than one chunk, else None.
 
-    The processes are spawned, so they inherit neither the parent's memory (torch, the labels) nor its
-    threads; one pool serves every split.
+    The processes are forked from a fresh server process that imported only :mod:`medmerge.data.decode`
+    (multiprocessing's forkserver), so they inherit neither this process's memory (torch, the labels) nor
+    its threads, and start in milliseconds; one pool serves every split.
     """
     if workers <= 1 or not any(_files(items) and len(items) > CHUNK for items in splits):
         yield None
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["medmerge.data.decode"])
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         yield Workers(pool, workers)
 
 
@@ -166,7 +147,7 @@ def _fill_parallel(workers: Workers, dest: Path, items: Sequence, size: int, pol
     pending: deque[Future] = deque()
     try:
         for start, chunk in _chunks(items):
-            pending.append(workers.pool.submit(fill_chunk, str(dest), start, list(chunk), size, policy))
+            pending.append(workers.pool.submit(decode.fill_chunk, str(dest), start, list(chunk), size, policy))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
@@ -194,7 +175,7 @@ def write_images(
     reports = (
         _fill_parallel(workers, dest, items, size, policy)
         if workers is not None and _files(items)
-        else (fill_chunk(str(dest), start, chunk, size, policy) for start, chunk in _chunks(items))
+        else (decode.fill_chunk(str(dest), start, chunk, size, policy) for start, chunk in _chunks(items))
     )
     hashes: set[bytes] = set()
     small: list[str] = []
