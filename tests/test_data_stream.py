@@ -223,3 +223,21 @@ def test_download_failures_leave_nothing(tmp_path, flaky):
     with pytest.raises(ChecksumError, match=rf"md5 mismatch for {flaky}/file\.bin: expected {'0' * 32}, got"):
         download_file(f"{flaky}/file.bin", tmp_path / "f.bin", md5="0" * 32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_preparation_keys_are_validated():
+    import yaml
+
+    from medmerge.config import ConfigError, parse_params
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    lesions = raw["data"]["datasets"]["lesions"]
+    settings = parse_params(raw)
+    assert settings.data.workers >= 1 and settings.data.datasets["lesions"].resize == "squash"
+    lesions.update(train_fraction=0.5, n_train_per_class=3)
+    with pytest.raises(ConfigError, match=r"data\.datasets\.lesions: .*give train_fraction or n_train_per_class, not both"):
+        parse_params(raw)
+    lesions.pop("n_train_per_class")
+    lesions["resize"] = "fit"
+    with pytest.raises(ConfigError, match=r"data\.datasets\.lesions\.resize: Input should be 'squash', 'pad' or 'center_crop'"):
+        parse_params(raw)
