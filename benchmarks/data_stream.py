@@ -67,6 +67,7 @@ class DescendantPeak(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak_kib, self._done = 0, threading.Event()
+        self.cpu_s: dict[int, float] = {}  # last seen user + system CPU seconds per descendant
 
     def run(self) -> None:
         import psutil
@@ -76,8 +77,10 @@ class DescendantPeak(threading.Thread):
             for process in me.children(recursive=True):
                 try:
                     status = Path(f"/proc/{process.pid}/status").read_text()
-                except OSError:
+                    times = process.cpu_times()
+                except (OSError, psutil.Error):
                     continue
+                self.cpu_s[process.pid] = times.user + times.system
                 hwm = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")), "0")
                 self.peak_kib = max(self.peak_kib, int(hwm))
 
@@ -94,6 +97,8 @@ def child(root: Path, work: Path, workers: int, image_size: int) -> dict:
 
     sampler = DescendantPeak()
     sampler.start()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_at_start = own.ru_utime + own.ru_stime
     start = time.perf_counter()
     raw_file = work / "raw" / "bench.npz"
     fetch_dataset("imagefolder", {"root": str(root)}, raw_file)
@@ -102,6 +107,8 @@ def child(root: Path, work: Path, workers: int, image_size: int) -> dict:
     prepared = time.perf_counter()
     worker_mb = sampler.stop()
     images = sum(sum(c.values()) for c in meta["counts"].values())
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = own.ru_utime + own.ru_stime + sum(sampler.cpu_s.values()) - cpu_at_start
     kib = 1024  # ru_maxrss is in KiB on Linux
     return {
         "images": images,
@@ -109,6 +116,7 @@ def child(root: Path, work: Path, workers: int, image_size: int) -> dict:
         "fetch_s": round(fetched - start, 2),
         "prepare_s": round(prepared - fetched, 2),
         "images_per_s": round(images / (prepared - fetched), 1),
+        "cpu_ms_per_image": round(1000 * cpu_s / images, 2),  # fetch + prepare, this process and the workers
         "peak_rss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib, 1),
         "peak_rss_worker_mb": round(worker_mb, 1) if workers > 1 else None,
         "prepared_mb": round(sum(f.stat().st_size for f in (work / "processed").iterdir()) / 2**20, 1),
@@ -126,12 +134,12 @@ def measure(root: Path, workers: int, image_size: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| images | workers | fetch (s) | prepare (s) | images/s | peak RSS main (MB) | peak RSS per worker (MB) | prepared (MB) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| images | workers | fetch (s) | prepare (s) | images/s | CPU ms/image | peak RSS main (MB) | peak RSS per worker (MB) | prepared (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         worker = "—" if r["peak_rss_worker_mb"] is None else f"{r['peak_rss_worker_mb']:.0f}"
         lines.append(f"| {r['images']:,} | {r['workers']} | {r['fetch_s']:.2f} | {r['prepare_s']:.1f} | "
-                     f"{r['images_per_s']:.0f} | {r['peak_rss_main_mb']:.0f} | {worker} | {r['prepared_mb']:.0f} |")
+                     f"{r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.2f} | {r['peak_rss_main_mb']:.0f} | {worker} | {r['prepared_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -149,6 +157,7 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=32, help="different JPEGs among the files")
     parser.add_argument("--json", type=Path, help="also save the rows as JSON")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     jpegs = distinct_jpegs(args.distinct, args.source_size)
     scratch = Path(tempfile.mkdtemp(prefix="medmerge-bench-"))
     rows = []
@@ -162,7 +171,8 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{stamp}, {platform.node() and platform.machine()}, {cores} cores, load {os.getloadavg()[0]:.1f}; "
+    print(f"{stamp}, {platform.machine()}, {cores} cores, load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after; "
           f"{args.source_size}-px JPEGs (~{np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB) -> {args.image_size} px\n")
     print(table(rows))
     if args.json:

@@ -241,3 +241,21 @@ def test_dataset_preparation_keys_are_validated():
     lesions["resize"] = "fit"
     with pytest.raises(ConfigError, match=r"data\.datasets\.lesions\.resize: Input should be 'squash', 'pad' or 'center_crop'"):
         parse_params(raw)
+
+
+def test_dicom_voi_lut_sequence_is_applied_before_the_window(tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from test_data_sources import write_dicom
+
+    from medmerge.data import read_image
+
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 10, 8]  # 4 entries, the first for stored value 10, 8 bits per entry
+    lut.add_new(0x00283006, "US", [0, 60, 120, 250])  # LUTData
+    stored = np.array([[5, 10, 11], [12, 13, 99]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "lut.dcm", stored, "MONOCHROME2", VOILUTSequence=Sequence([lut]),
+                       WindowCenter=0, WindowWidth=1000)  # fmt: skip
+    # below the first entry -> entry 0, above the last -> the last entry; 8-bit LUT output is already 0..255
+    assert read_image(path)[..., 0].tolist() == [[0, 0, 60], [120, 250, 250]]
