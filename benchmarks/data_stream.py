@@ -3,9 +3,10 @@
 
 For each number of images (default 1,000 and 10,000) and each number of decoding workers (default 1 and
 all cores) one fresh child process runs both steps as the stages do (torch imported first, as by every
-stage script) and reports its wall times and peak RSS: of the main process (``ru_maxrss``), and the
-largest peak (``VmHWM``) among its descendant processes (the decoding workers and their fork server). The folder is fabricated fast: a few distinct JPEGs, each written many times (the duplicates
-check of prepare sees the repeats; it does not change the cost). Everything is removed afterwards.
+stage script) and reports its wall times, CPU time and peak RSS: of the main process (``ru_maxrss``), and
+the largest peak (``VmHWM``) among its descendant processes (the decoding workers). The folder is
+fabricated fast: a few distinct JPEGs, each written many times (the duplicates check of prepare sees the
+repeats; it does not change the cost). Everything is removed afterwards.
 
     python benchmarks/data_stream.py                          # 1,000 and 10,000 images, 1 and all workers
     python benchmarks/data_stream.py --images 2000 --workers 1 2 4 --json out.json

@@ -1,11 +1,15 @@
 """The work of one decoding worker: load, resize and write a chunk of images into a ``.npy`` memory map.
 
-Kept apart from :mod:`medmerge.data.prepare` so that a worker process imports only NumPy, Pillow and the
-image readers.
+:func:`serve` is the loop of a worker process (started by :mod:`medmerge.data.prepare`): it
+reads pickled tasks ``(dest, start, items, size, policy)`` from stdin and answers each on stdout with
+``("ok", ChunkReport)`` or ``("error", exception)``, until stdin closes. It imports only NumPy, Pillow
+and the image readers, not the stage that started it (no torch).
 """
 
 from __future__ import annotations
 
+import pickle
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,3 +42,20 @@ def fill_chunk(dest: str, start: int, items: Sequence, size: int, policy: str) -
     target.flush()
     del target  # unmapped: the written pages leave this process
     return ChunkReport([image_digest(image) for image in out], small)
+
+
+def serve() -> None:
+    """The worker loop (see the module docstring)."""
+    tasks, answers = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write to the answer pipe
+    while True:
+        try:
+            task = pickle.load(tasks)
+        except EOFError:
+            return
+        try:
+            answer = ("ok", fill_chunk(*task))
+        except Exception as error:  # noqa: BLE001 (sent to the parent, which raises it)
+            answer = ("error", error)
+        pickle.dump(answer, answers)
+        answers.flush()

@@ -4,8 +4,8 @@ A raw dataset is either a MedMNIST-layout ``.npz`` (:class:`RawDataset`, arrays 
 manifest of an image-file dataset (:class:`ImageManifest`: the files are read where they are). Each
 split's image array is preallocated on disk (``np.lib.format.open_memmap``) and filled chunk by chunk
 of :data:`CHUNK` images: every image goes through :func:`medmerge.data.images.load_and_resize` (the
-dataset's resize policy), files are decoded by ``workers`` processes, each writing its chunk straight
-into the memory map. So no step holds a split in memory, and the output does not depend on ``workers``.
+dataset's resize policy), files are decoded by ``workers`` processes (:mod:`medmerge.data.decode`), each
+writing its chunk straight into the memory map. So no step holds a split in memory, and the output does not depend on ``workers``.
 
 Output directory layout (written atomically)::
 
@@ -20,12 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,45 +116,73 @@ def _files(items: Sequence) -> bool:
     return not isinstance(items, np.ndarray)
 
 
-@dataclass
-class Workers:
-    """A pool of decoding processes and how many it has."""
+class DecodingWorkers:
+    """``count`` worker processes (:func:`medmerge.data.decode.serve`) fed chunks over pipes.
 
-    pool: ProcessPoolExecutor
-    count: int
+    Chunk ``k`` goes to worker ``k % count`` and each worker answers in order, so the reports come back in
+    chunk order; at most two chunks per worker are in flight. The workers are fresh interpreters that
+    import only NumPy, Pillow and the readers: neither this process's memory (torch, the labels) nor its
+    threads are inherited.
+    """
+
+    def __init__(self, count: int) -> None:
+        paths = [path or os.getcwd() for path in sys.path]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        # imported, not run as __main__, so that its classes unpickle here under their module's name
+        command = [sys.executable, "-c", "from medmerge.data.decode import serve; serve()"]
+        self.processes = [
+            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(count)
+        ]
+
+    def map(self, tasks: Iterator[tuple]) -> Iterator[ChunkReport]:
+        pending: deque[subprocess.Popen] = deque()
+        for k, task in enumerate(tasks):
+            worker = self.processes[k % len(self.processes)]
+            pickle.dump(task, worker.stdin)
+            worker.stdin.flush()
+            pending.append(worker)
+            if len(pending) >= 2 * len(self.processes):
+                yield self._answer(pending.popleft())
+        while pending:
+            yield self._answer(pending.popleft())
+
+    @staticmethod
+    def _answer(worker: subprocess.Popen) -> ChunkReport:
+        try:
+            status, value = pickle.load(worker.stdout)
+        except EOFError:
+            raise RuntimeError(f"decoding worker {worker.pid} exited with status {worker.wait()}") from None
+        if status == "error":
+            raise value
+        return value
+
+    def close(self, kill: bool = False) -> None:
+        for worker in self.processes:
+            if kill:
+                worker.kill()
+            else:
+                worker.stdin.close()
+        for worker in self.processes:
+            worker.wait()
+            worker.stdout.close()
+            if kill:
+                worker.stdin.close()
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, splits: Sequence[Sequence]) -> Iterator[Workers | None]:
-    """``workers`` decoding processes when there are files to decode in more than one chunk, else None.
-
-    The processes are forked from a fresh server process that imported only :mod:`medmerge.data.decode`
-    (multiprocessing's forkserver), so they inherit neither this process's memory (torch, the labels) nor
-    its threads, and start in milliseconds; one pool serves every split.
-    """
+def decoding_workers(workers: int, splits: Sequence[Sequence]) -> Iterator[DecodingWorkers | None]:
+    """``workers`` decoding processes when there are files to decode in more than one chunk, else None;
+    one set serves every split, and they are stopped (killed on an error) when the block ends."""
     if workers <= 1 or not any(_files(items) and len(items) > CHUNK for items in splits):
         yield None
         return
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["medmerge.data.decode"])
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield Workers(pool, workers)
-
-
-def _fill_parallel(workers: Workers, dest: Path, items: Sequence, size: int, policy: str) -> Iterator[ChunkReport]:
-    """Chunks over the worker processes, at most two per process in flight, reports in order."""
-    window = 2 * workers.count
-    pending: deque[Future] = deque()
+    pool = DecodingWorkers(workers)
     try:
-        for start, chunk in _chunks(items):
-            pending.append(workers.pool.submit(decode.fill_chunk, str(dest), start, list(chunk), size, policy))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()
+        yield pool
+    except BaseException:
+        pool.close(kill=True)
+        raise
+    pool.close()
 
 
 def write_images(
@@ -162,18 +190,18 @@ def write_images(
     items: Sequence,
     size: int,
     policy: str = DEFAULT_RESIZE,
-    workers: Workers | None = None,
+    workers: DecodingWorkers | None = None,
     label: str = "",
 ) -> set[bytes]:
     """Preallocate ``dest`` as uint8 (N, size, size, 3) ``.npy`` and fill it; return the image hashes.
 
-    Files are decoded by the ``workers`` processes when given (see :func:`worker_pool`), arrays always in
-    this process (they are in memory already).
+    Files are decoded by the ``workers`` processes when given (see :func:`decoding_workers`), arrays
+    always in this process (they are in memory already).
     """
     check_policy(policy)
     np.lib.format.open_memmap(dest, mode="w+", dtype=np.uint8, shape=(len(items), size, size, 3)).flush()
     reports = (
-        _fill_parallel(workers, dest, items, size, policy)
+        workers.map((str(dest), start, list(chunk), size, policy) for start, chunk in _chunks(items))
         if workers is not None and _files(items)
         else (decode.fill_chunk(str(dest), start, chunk, size, policy) for start, chunk in _chunks(items))
     )
@@ -242,7 +270,7 @@ def prepare_dataset(
     imbalance = imbalance_ratio(counts["train"])
     log_imbalance(counts["train"], imbalance, source)
     hashes = {}
-    with atomic_directory(out_dir) as tmp, worker_pool(workers, list(items.values())) as decoders:
+    with atomic_directory(out_dir) as tmp, decoding_workers(workers, list(items.values())) as decoders:
         for split in SPLITS:
             hashes[split] = write_images(
                 tmp / f"{split}_images.npy", items[split], size, resize, decoders, f"{source} [{split}]"
