@@ -29,13 +29,31 @@ def _registered(kind: str, name: str, registry: dict) -> str:
     return name
 
 
+def _default_workers() -> int:
+    from medmerge.data.prepare import default_workers
+
+    return default_workers()
+
+
 class DatasetSettings(_Section):
-    """Where one dataset comes from (``origin`` picks a fetcher in ``medmerge.data.fetch.DATA_ORIGINS``)."""
+    """Where one dataset comes from (``origin`` picks a fetcher in ``medmerge.data.fetch.DATA_ORIGINS``) and
+    how it is prepared (docs/data_sources.md)."""
 
     origin: str
     options: dict[str, Any] = Field(default_factory=dict)
     classes: list[str] | None = None
-    ordinal: bool = False  # the labels are ordered grades (e.g. retinopathy 0-4): also report quadratic kappa
+    resize: Literal["squash", "pad", "center_crop"] = "squash"  # aspect ratio: stretch | letterbox | crop
+    ordinal: bool = False  # graded labels (e.g. retinopathy 0-4): ordinal metrics apply
+    allow_missing_classes: bool = False  # a train split without some class: error unless true
+    train_fraction: float | None = Field(None, gt=0, le=1)  # keep this fraction of every training class
+    n_train_per_class: int | None = Field(None, ge=1)  # or this many training images per class
+    subsample_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_subsample(self) -> DatasetSettings:
+        if self.train_fraction is not None and self.n_train_per_class is not None:
+            raise ValueError("give train_fraction or n_train_per_class, not both")
+        return self
 
     @field_validator("origin")
     @classmethod
@@ -48,6 +66,7 @@ class DatasetSettings(_Section):
 class DataSettings(_Section):
     image_size: int = Field(64, ge=16, le=1024)
     loader_workers: int = Field(0, ge=0, le=64)  # background threads gathering batches
+    workers: int = Field(default_factory=_default_workers, ge=1, le=256)  # processes decoding images (prepare)
     pin_memory: Literal["auto", "on", "off"] = "auto"  # auto: on when training on a GPU
     target: str
     datasets: dict[str, DatasetSettings]

@@ -1,11 +1,11 @@
-"""Stage prepare@<dataset>: resize to data.image_size, 3 channels, uint8 memory-mappable splits + meta.json."""
+"""Stage prepare@<dataset>: resize to data.image_size (the dataset's resize policy), 3 channels, uint8
+memory-mappable splits + meta.json; image files are streamed from where the fetch manifest says."""
 
 import argparse
 import logging
 
 from medmerge import layout
-from medmerge.data.npz import load_npz
-from medmerge.data.prepare import prepare_dataset
+from medmerge.data.prepare import open_raw_dataset, prepare_dataset
 from medmerge.stage import run, stage_params
 
 log = logging.getLogger("medmerge.stages.prepare")
@@ -18,8 +18,13 @@ def main() -> None:
     params, _ = stage_params()
     dataset = params.data.datasets[args.dataset]
     num_classes = len(dataset.classes) if dataset.classes else None
-    raw = load_npz(layout.raw_file(args.dataset), num_classes=num_classes)
-    meta = prepare_dataset(raw, params.data.image_size, layout.processed_dir(args.dataset), class_names=dataset.classes)
+    raw = open_raw_dataset(layout.raw_file(args.dataset), num_classes=num_classes)
+    meta = prepare_dataset(
+        raw, params.data.image_size, layout.processed_dir(args.dataset), class_names=dataset.classes,
+        resize=dataset.resize, workers=params.data.workers, allow_missing_classes=dataset.allow_missing_classes,
+        train_fraction=dataset.train_fraction, n_train_per_class=dataset.n_train_per_class,
+        subsample_seed=dataset.subsample_seed, ordinal=dataset.ordinal,
+    )
     log.info("%s: %d classes, counts %s", args.dataset, meta["num_classes"], meta["counts"])
 
 

@@ -27,7 +27,7 @@ from medmerge.data import (
     save_npz_atomic,
     to_rgb,
 )
-from medmerge.data import prepare as prepare_module
+from medmerge.data import decode as decode_module
 
 # ---------------------------------------------------------------- helpers
 
@@ -300,22 +300,22 @@ def test_prepare_keeps_size_and_default_names(tmp_path, caplog):
 def test_prepare_is_atomic(tmp_path, monkeypatch):
     raw = load_npz(write_npz(tmp_path / "a.npz", medmnist_arrays()))
     out = tmp_path / "prepared"
-    real_resize, calls = prepare_module.resize_images, []
+    real_resize, calls = decode_module.resize_image, []
 
-    def failing_resize(images, size):
+    def failing_resize(image, size, policy):
         calls.append(size)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return real_resize(images, size)
+        return real_resize(image, size, policy)
 
-    monkeypatch.setattr(prepare_module, "resize_images", failing_resize)
+    monkeypatch.setattr(decode_module, "resize_image", failing_resize)
     with pytest.raises(RuntimeError, match="boom"):
         prepare_dataset(raw, 32, out)
     assert not out.exists() and leftovers(tmp_path) == []
 
-    monkeypatch.setattr(prepare_module, "resize_images", real_resize)
+    monkeypatch.setattr(decode_module, "resize_image", real_resize)
     old_meta = prepare_dataset(raw, 32, out)
-    monkeypatch.setattr(prepare_module, "resize_images", failing_resize)
+    monkeypatch.setattr(decode_module, "resize_image", failing_resize)
     calls.clear()
     with pytest.raises(RuntimeError, match="boom"):
         prepare_dataset(raw, 16, out)

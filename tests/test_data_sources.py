@@ -7,6 +7,7 @@ import csv
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,14 +15,17 @@ from PIL import Image
 
 from medmerge.data import (
     DATA_ORIGINS,
+    SPLITS,
     DataError,
     fetch_dataset,
-    load_npz,
+    load_split,
+    open_raw_dataset,
     prepare_dataset,
     read_image,
     read_images,
 )
 from medmerge.data import images as images_module
+from medmerge.data import prepare as prepare_module
 from medmerge.data.splits import assign_splits, manifest_path
 
 # ---------------------------------------------------------------- fixture writers
@@ -110,6 +114,15 @@ def read_manifest(npz_path: Path) -> list[dict]:
 
 def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def prepared(out: Path, image_size: int, classes=None, **options) -> SimpleNamespace:
+    """Prepare what fetch_dataset wrote for ``out`` (its manifest) and read it back: classes, labels, images."""
+    target = out.with_name(f"{out.stem}_prepared")
+    meta = prepare_dataset(open_raw_dataset(out), image_size, target, class_names=classes, **options)
+    splits = {split: load_split(target, split) for split in SPLITS}
+    return SimpleNamespace(class_names=meta["classes"], meta=meta, dir=target,
+                           images={s: x for s, (x, _) in splits.items()}, labels={s: y for s, (_, y) in splits.items()})
 
 
 # ---------------------------------------------------------------- single images
@@ -248,8 +261,9 @@ def test_bad_dicom_window_width(tmp_path):
 def test_imagefolder_without_split_folders(tmp_path):
     root = image_folder(tmp_path / "images", n=12)
     out = tmp_path / "raw" / "derm.npz"
-    fetch_dataset("imagefolder", {"root": str(root), "image_size": 16, "seed": 3}, out)
-    raw = load_npz(out)
+    fetch_dataset("imagefolder", {"root": str(root), "seed": 3}, out)
+    assert not out.exists()  # the pixels stay where they are: only the manifest is written
+    raw = prepared(out, 16)
     assert raw.class_names == ["benign", "malignant", "nevus"]
     counts = {split: len(y) for split, y in raw.labels.items()}
     assert sum(counts.values()) == 36 and 4 <= counts["val"] <= 7 and 4 <= counts["test"] <= 7  # ~1/7 each
@@ -257,7 +271,8 @@ def test_imagefolder_without_split_folders(tmp_path):
         assert set(labels.tolist()) == {0, 1, 2}  # stratified: every class in every split
     assert raw.images["train"].shape == (counts["train"], 16, 16, 3)
     manifest = read_manifest(out)
-    assert len(manifest) == 36 and list(manifest[0]) == ["path", "label", "split", "group"]
+    assert len(manifest) == 36 and list(manifest[0]) == ["path", "label", "split", "group", "file"]
+    assert all(Path(row["file"]) == root / row["path"] for row in manifest)
     assert not any(row["path"].endswith((".txt", ".DS_Store")) for row in manifest)
     assert {row["path"].split("/")[0] for row in manifest} == {"benign", "malignant", "nevus"}
     assert all(row["path"].startswith(row["label"] + "/") for row in manifest)
@@ -267,8 +282,8 @@ def test_imagefolder_without_split_folders(tmp_path):
 def test_imagefolder_with_split_folders_and_classes_order(tmp_path):
     root = image_folder(tmp_path / "images", classes=("a", "b"), n=3, splits=["train", "val", "test"])
     out = tmp_path / "x.npz"
-    fetch_dataset("imagefolder", {"root": str(root), "image_size": 8}, out, classes=["b", "a"])
-    raw = load_npz(out)
+    fetch_dataset("imagefolder", {"root": str(root)}, out, classes=["b", "a"])
+    raw = prepared(out, 8, classes=["b", "a"])
     assert raw.class_names == ["b", "a"]
     assert {split: len(y) for split, y in raw.labels.items()} == {"train": 6, "val": 6, "test": 6}
     for row in read_manifest(out):
@@ -280,13 +295,9 @@ def test_imagefolder_with_split_folders_and_classes_order(tmp_path):
 def test_imagefolder_custom_split_folder_names(tmp_path):
     root = image_folder(tmp_path / "images", classes=("a", "b"), n=2, splits=["tr", "dev2", "holdout"])
     out = tmp_path / "x.npz"
-    options = {
-        "root": str(root),
-        "image_size": 8,
-        "splits": {"train": "tr", "val": "dev2", "test": "holdout"},
-    }
+    options = {"root": str(root), "splits": {"train": "tr", "val": "dev2", "test": "holdout"}}
     fetch_dataset("imagefolder", options, out)
-    assert [len(y) for y in load_npz(out).labels.values()] == [4, 4, 4]
+    assert [len(y) for y in prepared(out, 8).labels.values()] == [4, 4, 4]
     with pytest.raises(DataError, match=r"images/nope: folder for the test split not found"):
         fetch_dataset("imagefolder", {**options, "splits": {"train": "tr", "test": "nope"}}, out)
 
@@ -294,8 +305,8 @@ def test_imagefolder_custom_split_folder_names(tmp_path):
 def test_imagefolder_carves_missing_test_split(tmp_path):
     root = image_folder(tmp_path / "images", classes=("a", "b"), n=8, splits=["train", "validation"])
     out = tmp_path / "x.npz"
-    fetch_dataset("imagefolder", {"root": str(root), "image_size": 8, "test_fraction": 0.25}, out)
-    counts = {split: len(y) for split, y in load_npz(out).labels.items()}
+    fetch_dataset("imagefolder", {"root": str(root), "test_fraction": 0.25}, out)
+    counts = {split: len(y) for split, y in prepared(out, 8).labels.items()}
     assert counts == {"train": 12, "val": 16, "test": 4}
     assert all(row["path"].startswith("train/") for row in read_manifest(out) if row["split"] == "test")
 
@@ -318,14 +329,17 @@ def test_bad_imagefolder_class_not_in_list(tmp_path):
         fetch_dataset("imagefolder", {"root": str(root), "classes": ["a", "b"]}, tmp_path / "x.npz")
 
 
-def test_bad_imagefolder_truncated_image(tmp_path):
+def test_bad_imagefolder_truncated_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "CHUNK", 4)  # several chunks, so the worker processes are used
     root = image_folder(tmp_path / "images", classes=("a", "b"), n=8)
     bad = save(root / "a" / "cut.png", pattern(9, size=64))
     bad.write_bytes(bad.read_bytes()[:150])
     out = tmp_path / "raw" / "x.npz"
+    fetch_dataset("imagefolder", {"root": str(root)}, out)
     with pytest.raises(DataError, match=r"images/a/cut\.png: unreadable image file"):
-        fetch_dataset("imagefolder", {"root": str(root), "image_size": 8}, out)
-    assert not out.exists() and not manifest_path(out).exists() and leftovers(out.parent) == []
+        prepared(out, 8, workers=2)  # raised in a worker process, named all the same
+    target = out.with_name("x_prepared")
+    assert not target.exists() and leftovers(target.parent) == []
 
 
 # ---------------------------------------------------------------- csv
@@ -347,9 +361,9 @@ def test_csv_grouped_stratified_splits(tmp_path):
     manifest = patient_csv(tmp_path)
     out = tmp_path / "raw" / "us.npz"
     options = {"path": str(manifest), "path_column": "file", "label_column": "diagnosis",
-               "group_column": "patient_id", "image_size": 8, "seed": 5}  # fmt: skip
+               "group_column": "patient_id", "seed": 5}  # fmt: skip
     fetch_dataset("csv", options, out)
-    raw = load_npz(out)
+    raw = prepared(out, 8)
     assert raw.class_names == ["cyst", "normal", "tumour"]
     assert set(raw.labels["train"].tolist()) == {0, 1, 2}  # every class in train
     rows = read_manifest(out)
@@ -372,11 +386,11 @@ def test_csv_int_labels_split_column_and_image_root(tmp_path):
     path = write_csv(tmp_path / "m.csv", rows)
     out = tmp_path / "x.npz"
     fetch_dataset("csv", {"path": str(path), "image_root": str(images), "classes": ["neg", "pos"]}, out)
-    raw = load_npz(out)
+    raw = prepared(out, 5)
     assert raw.class_names == ["neg", "pos"] and raw.labels["train"].tolist() == [0, 1, 0, 1]
     assert [len(raw.labels[s]) for s in ("train", "val", "test")] == [4, 2, 2]
     fetch_dataset("csv", {"path": str(path), "image_root": str(images)}, out)
-    assert load_npz(out).class_names == ["0", "1"]  # integer labels are class indices
+    assert prepared(out, 5).class_names == ["0", "1"]  # integer labels are class indices
 
 
 def test_csv_warns_when_given_splits_share_a_patient(tmp_path, caplog):
@@ -386,7 +400,7 @@ def test_csv_warns_when_given_splits_share_a_patient(tmp_path, caplog):
         rows.append({"path": f"{i}.png", "label": "x", "split": split, "pid": patient})
     path = write_csv(tmp_path / "m.csv", rows)
     with caplog.at_level(logging.WARNING, logger="medmerge.data"):
-        fetch_dataset("csv", {"path": str(path), "group_column": "pid", "image_size": 5}, tmp_path / "x.npz")
+        fetch_dataset("csv", {"path": str(path), "group_column": "pid"}, tmp_path / "x.npz")
     assert "1 group(s) have images in more than one split (e.g. 'A')" in caplog.text
 
 
@@ -449,18 +463,18 @@ def test_bad_duplicates_across_splits(tmp_path, caplog):
     root = image_folder(tmp_path / "images", classes=("a", "b"), n=3, splits=["train", "val", "test"])
     shutil.copy(root / "train" / "a" / "img00.png", root / "test" / "b" / "copy.png")
     out = tmp_path / "x.npz"
-    fetch_dataset("imagefolder", {"root": str(root), "image_size": 8}, out)
+    fetch_dataset("imagefolder", {"root": str(root)}, out)
     with caplog.at_level(logging.WARNING, logger="medmerge.data"):
-        meta = prepare_dataset(load_npz(out), 8, tmp_path / "prepared")
+        meta = prepare_dataset(open_raw_dataset(out), 8, tmp_path / "prepared")
     assert meta["duplicates_across_splits"] == 1
     assert "1 image(s) appear in both the 'train' and 'test' splits" in caplog.text
 
 
 def test_bad_prepare_classes_in_another_order(tmp_path):
     root = image_folder(tmp_path / "images", classes=("a", "b"), n=3, splits=["train", "val", "test"])
-    fetch_dataset("imagefolder", {"root": str(root), "image_size": 8}, tmp_path / "x.npz")
+    fetch_dataset("imagefolder", {"root": str(root)}, tmp_path / "x.npz")
     with pytest.raises(DataError, match=r"in another order, so labels would be swapped"):
-        prepare_dataset(load_npz(tmp_path / "x.npz"), 8, tmp_path / "p", class_names=["b", "a"])
+        prepare_dataset(open_raw_dataset(tmp_path / "x.npz"), 8, tmp_path / "p", class_names=["b", "a"])
 
 
 def test_bad_classes_given_twice(tmp_path):

@@ -153,9 +153,9 @@ def input_params(inputs: dict, url_sha256: str | None = None) -> dict:
     params["data"].update(image_size=SIZE, target="derm")
     params["data"]["datasets"] = {
         "derm": {"origin": "csv", "options": {
-            "path": str(data["manifest"]), "group_column": "patient_id", "image_size": SIZE,
+            "path": str(data["manifest"]), "group_column": "patient_id",
             "val_fraction": 0.25, "test_fraction": 0.25, "seed": 0}},
-        "folder": {"origin": "imagefolder", "options": {"root": str(data["folder"]), "image_size": SIZE}},
+        "folder": {"origin": "imagefolder", "options": {"root": str(data["folder"])}, "resize": "pad"},
         "arrays": {"origin": "npz", "options": {"path": str(data["arrays"])}},
         "mnist": {"origin": "medmnist", "options": {"flag": MNIST_FLAG, "size": 28, "root": str(data["mnist_root"])}},
     }  # fmt: skip
@@ -226,6 +226,8 @@ def test_repro_runs_every_dataset_and_weight_origin(repo, inputs) -> None:
     }  # the split folders are kept as given
     assert meta["mnist"]["classes"][4] == "melanoma"  # dermamnist's known class names were added
 
+    assert meta["folder"]["resize"] == "pad"
+    assert sorted(p.name for p in (repo / "data/raw/derm").iterdir()) == ["derm.classes.json", "derm.splits.csv"]
     with (repo / "data/raw/derm/derm.splits.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 36

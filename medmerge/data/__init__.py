@@ -1,38 +1,58 @@
 """Datasets: synthetic demo data, MedMNIST-layout npz IO, image files (PNG/JPEG/TIFF/DICOM), image
-folders and CSV manifests, fetching, checks and preparation."""
+folders and CSV manifests, fetching, checks, resize policies, subsampling and streaming preparation.
 
-from medmerge.data.fetch import DATA_ORIGINS, MEDMNIST_FLAGS, fetch_dataset, medmnist_filename
-from medmerge.data.images import IMAGE_READERS, read_image, read_images
-from medmerge.data.npz import SPLITS, DataError, RawDataset, load_npz, save_npz_atomic
-from medmerge.data.prepare import load_split, prepare_dataset, read_meta, resize_images, to_rgb
-from medmerge.data.sources import fetch_csv, fetch_imagefolder
-from medmerge.data.splits import assign_splits
-from medmerge.data.synthetic import SYNTHETIC_TASKS, SyntheticTask, generate_synthetic
-from medmerge.data.validate import duplicates_across_splits
+The names below are imported on first use, so that a process that needs one module (a decoding worker
+needs :mod:`medmerge.data.decode`) does not import them all (pandas, scikit-learn).
+"""
 
-__all__ = [
-    "DATA_ORIGINS",
-    "IMAGE_READERS",
-    "MEDMNIST_FLAGS",
-    "SPLITS",
-    "SYNTHETIC_TASKS",
-    "DataError",
-    "RawDataset",
-    "SyntheticTask",
-    "assign_splits",
-    "duplicates_across_splits",
-    "fetch_csv",
-    "fetch_dataset",
-    "fetch_imagefolder",
-    "generate_synthetic",
-    "load_npz",
-    "load_split",
-    "medmnist_filename",
-    "prepare_dataset",
-    "read_image",
-    "read_images",
-    "read_meta",
-    "resize_images",
-    "save_npz_atomic",
-    "to_rgb",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DATA_ORIGINS": "fetch",
+    "MEDMNIST_FLAGS": "fetch",
+    "fetch_dataset": "fetch",
+    "medmnist_filename": "fetch",
+    "IMAGE_READERS": "images",
+    "load_and_resize": "images",
+    "read_image": "images",
+    "read_images": "images",
+    "ImageManifest": "manifest",
+    "read_image_manifest": "manifest",
+    "SPLITS": "npz",
+    "DataError": "npz",
+    "RawDataset": "npz",
+    "load_npz": "npz",
+    "save_npz_atomic": "npz",
+    "load_split": "prepare",
+    "open_raw_dataset": "prepare",
+    "prepare_dataset": "prepare",
+    "read_meta": "prepare",
+    "RESIZE_POLICIES": "resize",
+    "resize_image": "resize",
+    "resize_images": "resize",
+    "to_rgb": "resize",
+    "fetch_csv": "sources",
+    "fetch_imagefolder": "sources",
+    "assign_splits": "splits",
+    "SYNTHETIC_TASKS": "synthetic",
+    "SyntheticTask": "synthetic",
+    "generate_synthetic": "synthetic",
+    "duplicates_across_splits": "validate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medmerge.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"medmerge.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,19 +1,17 @@
-"""Write ``data/raw/<dataset>/<dataset>.npz`` from an origin spec (synthetic, local npz, MedMNIST,
-an image folder, a CSV manifest of image files; see docs/data_sources.md).
+"""Write ``data/raw/<dataset>/`` from an origin spec (see docs/data_sources.md): ``<dataset>.npz`` for
+synthetic, local npz and MedMNIST data; ``<dataset>.splits.csv`` + ``<dataset>.classes.json`` (the split
+manifest, no pixels) for an image folder or a CSV manifest of image files.
 
-Every origin is a function in :data:`DATA_ORIGINS` taking ``out_path`` plus keyword options; the
-file at ``out_path`` appears only once it is complete and validated.
+Every origin is a function in :data:`DATA_ORIGINS` taking ``out_path`` (the ``.npz`` path) plus keyword
+options; what it writes appears only once it is complete and validated.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import io
 import logging
 import shutil
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,16 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from medmerge.data.manifest import classes_path, manifest_path
 from medmerge.data.npz import DataError, load_npz, save_npz_atomic
 from medmerge.data.sources import fetch_csv, fetch_imagefolder
 from medmerge.data.synthetic import generate_synthetic
+from medmerge.download import ChecksumError, DownloadError, download_file, file_digest
 from medmerge.io import atomic_file
 
 log = logging.getLogger("medmerge.data")
 
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{filename}?download=1"
 MEDMNIST_SIZES = (28, 64, 128, 224)
-_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -129,11 +128,7 @@ MEDMNIST_FLAGS: dict[str, MedMNISTInfo] = {
 
 def file_md5(path: Path) -> str:
     """Hex md5 of a file, read in chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def _add_class_names(npz_path: Path, class_names: list[str]) -> None:
@@ -180,20 +175,15 @@ def _check_md5(path: Path, expected: str | None, what: str) -> None:
 
 
 def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0) -> Path:
-    """Download ``url`` into ``dest`` and verify ``md5`` when given; ``dest`` is removed on failure."""
-    dest = Path(dest)
+    """Download ``url`` into ``dest`` and verify ``md5`` when given (:func:`medmerge.download.download_file`:
+    progress bar, retries); DataError on failure, and ``dest`` is then absent."""
     try:
-        log.info("downloading %s", url)
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f:
-            shutil.copyfileobj(response, f, _CHUNK_BYTES)
-        _check_md5(dest, md5, url)
-    except (urllib.error.URLError, OSError) as err:
-        dest.unlink(missing_ok=True)
-        raise DataError(f"download of {url} failed: {err}") from err
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return dest
+        download_file(url, dest, md5=md5, timeout=timeout)
+    except ChecksumError as err:
+        raise DataError(str(err)) from None
+    except DownloadError as err:
+        raise DataError(str(err)) from err
+    return Path(dest)
 
 
 # ---------------------------------------------------------------- origins
@@ -310,4 +300,13 @@ def fetch_dataset(origin: str, options: dict, out_path: Path, classes: list[str]
     options = _with_classes(origin, fn, options, classes)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    return fn(out_path, **options)
+    written = Path(fn(out_path, **options))
+    _remove_other_forms(out_path, written)
+    return written
+
+
+def _remove_other_forms(out_path: Path, written: Path) -> None:
+    """A dataset's raw form is its npz or its manifest: remove the one the origin did not write now."""
+    stale = [out_path] if written != out_path else [manifest_path(out_path), classes_path(out_path)]
+    for path in stale:
+        path.unlink(missing_ok=True)

@@ -7,8 +7,12 @@ Every reader in :data:`IMAGE_READERS` (keyed by lower-case file suffix) returns 
 * 16-bit images (PNG ``I;16``/``I``, TIFF) are scaled by the **dtype range**, not per image:
   ``round(value * 255 / 65535)`` (as :func:`medmerge.data.npz.to_uint8`), so intensities stay
   comparable across images. Float images must lie in [0, 1].
-* DICOM: RescaleSlope/Intercept, then the VOI window (first WindowCenter/WindowWidth) or the
-  min-max of the rescaled pixels, MONOCHROME1 inverted; see :func:`dicom_to_uint8`.
+* DICOM: pydicom's modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence), then its VOI
+  LUT (a VOI LUT Sequence, else the first WindowCenter/WindowWidth) mapped from its output range to
+  0..255, or the min-max of the rescaled pixels when there is neither; MONOCHROME1 inverted.
+
+:func:`load_and_resize` is the one way a file (or array) becomes a model input of a given size and
+resize policy: preparation and prediction both call it.
 
 Unreadable (truncated, corrupt) files raise :class:`~medmerge.data.npz.DataError` naming the file.
 """
@@ -26,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medmerge.data.npz import DataError, to_uint8
-from medmerge.data.prepare import resize_images, to_rgb
+from medmerge.data.resize import DEFAULT_RESIZE, resize_image, to_rgb
 
 log = logging.getLogger("medmerge.data")
 
@@ -103,11 +107,17 @@ def _single_frame(n_frames: int, where: str) -> None:
         raise DataError(f"{where}: has {n_frames} frames/pages; expected a single 2-D image")
 
 
-def read_pil(path: Path) -> np.ndarray:
-    """An image file Pillow can decode (PNG, JPEG, BMP, TIFF) -> uint8 (H, W, 3)."""
+def read_pil(path: Path, min_size: int | None = None) -> np.ndarray:
+    """An image file Pillow can decode (PNG, JPEG, BMP, TIFF) -> uint8 (H, W, 3).
+
+    With ``min_size``, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both sides at
+    least ``min_size`` (libjpeg's scaled decoding: several times faster for large photographs).
+    """
     try:
         with Image.open(path) as image:
             _single_frame(getattr(image, "n_frames", 1), str(path))
+            if min_size is not None and image.format == "JPEG":
+                image.draft(image.mode, (min_size, min_size))
             image.load()
             pixels = _pil_pixels(ImageOps.exif_transpose(image), str(path))
     except DataError:
@@ -141,7 +151,7 @@ def _require(name: str, path: Path, why: str) -> ModuleType:
 # ---------------------------------------------------------------- TIFF
 
 
-def read_tiff(path: Path) -> np.ndarray:
+def read_tiff(path: Path, min_size: int | None = None) -> np.ndarray:
     """A single-page TIFF -> uint8 (H, W, 3), via tifffile when installed (exact 16-bit RGB), else Pillow."""
     tifffile = _optional_module("tifffile")
     if tifffile is None:
@@ -163,13 +173,6 @@ def read_tiff(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------- DICOM
 
 
-def _first(value: object) -> float:
-    """First value of a possibly multi-valued DICOM number (pydicom MultiValue or a list)."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        value = value[0]
-    return float(value)
-
-
 def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Linear map of [low, high] to 0..255 (clipped, rounded); a flat range maps to 0."""
     if high <= low:
@@ -177,27 +180,37 @@ def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.rint(np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def dicom_to_uint8(
-    pixels: np.ndarray,
-    *,
-    slope: float = 1.0,
-    intercept: float = 0.0,
-    center: float | None = None,
-    width: float | None = None,
-    photometric: str = "MONOCHROME2",
-) -> np.ndarray:
-    """Monochrome DICOM pixels -> uint8: ``x * slope + intercept``, window, MONOCHROME1 inverted.
+def _check_window_width(ds: object) -> None:
+    width = getattr(ds, "WindowWidth", None)
+    if width is None:
+        return
+    first = width[0] if isinstance(width, Sequence) and not isinstance(width, str) else width
+    if float(first) <= 0:
+        raise ValueError(f"WindowWidth must be > 0, got {first}")
 
-    The window is ``[center - width / 2, center + width / 2]`` mapped linearly to 0..255; with no
-    window the min-max of the rescaled pixels is used.
-    """
-    values = pixels.astype(np.float64) * slope + intercept
-    if center is not None and width is not None:
-        if width <= 0:
-            raise ValueError(f"WindowWidth must be > 0, got {width}")
-        out = window_to_uint8(values, center - width / 2, center + width / 2)
-    else:
+
+def _voi_range(ds: object, processing: ModuleType) -> tuple[float, float] | None:
+    """The output range of the dataset's VOI transform, or None when it has none."""
+    if ds.get("VOILUTSequence"):
+        return 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        low, high = processing.apply_windowing(np.array([-np.inf, np.inf]), ds)
+        return float(low), float(high)
+    return None
+
+
+def dicom_gray_to_uint8(pixels: np.ndarray, ds: object) -> np.ndarray:
+    """Monochrome DICOM pixels -> uint8 through pydicom's modality and VOI LUTs, MONOCHROME1 inverted."""
+    from pydicom.pixels import processing
+
+    _check_window_width(ds)
+    values = processing.apply_modality_lut(pixels, ds)
+    voi = _voi_range(ds, processing)
+    if voi is None:
         out = window_to_uint8(values, float(values.min()), float(values.max()))
+    else:
+        out = window_to_uint8(processing.apply_voi_lut(values, ds, index=0).astype(np.float64), *voi)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip()
     return 255 - out if photometric == "MONOCHROME1" else out
 
 
@@ -206,23 +219,14 @@ def _dicom_pixels(ds: object, path: Path) -> np.ndarray:
     pixels = ds.pixel_array
     if int(getattr(ds, "SamplesPerPixel", 1)) > 1:
         return pixels_to_rgb(pixels, str(path))  # RGB (pydicom converts YBR to RGB); 16-bit by dtype range
-    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    has_window = center is not None and width is not None
     try:
-        gray = dicom_to_uint8(
-            pixels,
-            slope=_first(getattr(ds, "RescaleSlope", 1.0) or 1.0),
-            intercept=_first(getattr(ds, "RescaleIntercept", 0.0) or 0.0),
-            center=_first(center) if has_window else None,
-            width=_first(width) if has_window else None,
-            photometric=str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip(),
-        )
+        gray = dicom_gray_to_uint8(pixels, ds)
     except ValueError as err:
         raise DataError(f"{path}: {err}") from None
     return pixels_to_rgb(gray, str(path))
 
 
-def read_dicom(path: Path) -> np.ndarray:
+def read_dicom(path: Path, min_size: int | None = None) -> np.ndarray:
     """A single-frame DICOM file -> uint8 (H, W, 3) (pydicom is imported only when needed)."""
     pydicom = _require("pydicom", path, "DICOM files")
     try:
@@ -237,9 +241,10 @@ def read_dicom(path: Path) -> np.ndarray:
 
 # ---------------------------------------------------------------- registry and batch reading
 
-ImageReader = Callable[[Path], np.ndarray]
+ImageReader = Callable[..., np.ndarray]
 
-#: lower-case file suffix -> reader returning uint8 (H, W, 3)
+#: lower-case file suffix -> ``reader(path, min_size=None)`` returning uint8 (H, W, 3); ``min_size`` is a
+#: hint that the image will be shrunk to that size (a reader may decode at a reduced scale)
 IMAGE_READERS: dict[str, ImageReader] = {
     ".png": read_pil,
     ".jpg": read_pil,
@@ -256,9 +261,14 @@ def is_image_file(path: Path) -> bool:
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_READERS and path.is_file()
 
 
-def read_image(path: str | Path, image_size: int | None = None) -> np.ndarray:
-    """One image file -> uint8 (H, W, 3), resized to (image_size, image_size) when given."""
-    path = Path(path)
+def read_image(path: str | Path, image_size: int | None = None, policy: str = DEFAULT_RESIZE) -> np.ndarray:
+    """One image file -> uint8 (H, W, 3), resized to (image_size, image_size) by ``policy`` when given."""
+    if image_size is not None:
+        return load_and_resize(path, image_size, policy)
+    return _decode(Path(path))
+
+
+def _decode(path: Path, min_size: int | None = None) -> np.ndarray:
     reader = IMAGE_READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(
@@ -266,28 +276,51 @@ def read_image(path: str | Path, image_size: int | None = None) -> np.ndarray:
         )
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
-    image = reader(path)
-    return image if image_size is None else resize_images(image[None], image_size)[0]
+    return reader(path, min_size=min_size)
 
 
-def read_images(paths: Sequence[Path], image_size: int = DEFAULT_IMAGE_SIZE, label: str = "") -> np.ndarray:
-    """Read and resize many files into uint8 (N, S, S, 3); one warning for all images below S px."""
+def load_rgb(source: str | Path | np.ndarray, size_hint: int | None = None) -> np.ndarray:
+    """A file path or a pixel array (see :func:`pixels_to_rgb`) -> uint8 (H, W, 3), before resizing."""
+    if isinstance(source, np.ndarray):
+        return pixels_to_rgb(source, "image array")
+    return _decode(Path(source), size_hint)
+
+
+def load_and_resize(source: str | Path | np.ndarray, size: int, policy: str = DEFAULT_RESIZE) -> np.ndarray:
+    """An image file (PNG, JPEG, BMP, TIFF, DICOM) or pixel array -> the uint8 (size, size, 3) model input.
+
+    ``policy`` is a resize policy of :data:`medmerge.data.resize.RESIZE_POLICIES` (squash, pad,
+    center_crop). The prepare stage writes exactly this for every image, so prediction on new files
+    that calls it sees what training saw.
+    """
+    return resize_image(load_rgb(source, size), size, policy)
+
+
+def warn_upscaled(small: Sequence[object], total: int, image_size: int, label: str) -> None:
+    """One warning for all images smaller than ``image_size`` (they were upscaled)."""
+    if small:
+        log.warning(
+            "%s: %d of %d image(s) are smaller than %d px and were upscaled (e.g. %s)",
+            label or "images", len(small), total, image_size, small[0],
+        )  # fmt: skip
+
+
+def read_images(
+    paths: Sequence[Path], image_size: int = DEFAULT_IMAGE_SIZE, label: str = "", policy: str = DEFAULT_RESIZE
+) -> np.ndarray:
+    """Read and resize a few files into uint8 (N, S, S, 3) in memory; one warning for all images below S px.
+
+    For whole datasets the prepare stage streams the files into a memory map instead
+    (:func:`medmerge.data.prepare.prepare_dataset`).
+    """
     if int(image_size) != image_size or image_size < 1:
         raise DataError(f"{label or 'images'}: image_size must be a positive integer, got {image_size!r}")
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     small = []
     for i, path in enumerate(paths):
-        image = read_image(path)
+        image = load_rgb(path, image_size)
         if min(image.shape[:2]) < image_size:
             small.append(path)
-        out[i] = resize_images(image[None], image_size)[0]
-    if small:
-        log.warning(
-            "%s: %d of %d image(s) are smaller than %d px and were upscaled (e.g. %s)",
-            label or "images",
-            len(small),
-            len(paths),
-            image_size,
-            small[0],
-        )
+        out[i] = resize_image(image, image_size, policy)
+    warn_upscaled(small, len(paths), image_size, label)
     return out

@@ -1,76 +1,70 @@
-"""Turn a validated raw dataset into memory-mappable, fixed-size RGB arrays.
+"""Turn a raw dataset into memory-mappable, fixed-size RGB arrays, streaming in bounded chunks.
+
+A raw dataset is either a MedMNIST-layout ``.npz`` (:class:`RawDataset`, arrays in memory) or the
+manifest of an image-file dataset (:class:`ImageManifest`: the files are read where they are). Each
+split's image array is preallocated on disk (``np.lib.format.open_memmap``) and filled chunk by chunk
+of :data:`CHUNK` images: every image goes through :func:`medmerge.data.images.load_and_resize` (the
+dataset's resize policy), files are decoded by ``workers`` processes (:mod:`medmerge.data.decode`), each
+writing its chunk straight into the memory map. So no step holds a split in memory, and the output does not depend on ``workers``.
 
 Output directory layout (written atomically)::
 
     {split}_images.npy   uint8 (N, S, S, 3), C-contiguous: np.load(..., mmap_mode="r") works
     {split}_labels.npy   int64 (N,)
-    meta.json            classes, num_classes, image_size, counts, source, imbalance_ratio,
-                         duplicates_across_splits (see medmerge.data.validate)
+    meta.json            classes, num_classes, image_size, resize, ordinal, counts, source,
+                         imbalance_ratio, train_subsample, duplicates_across_splits
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+import os
+import pickle
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from medmerge.data.npz import SPLITS, DataError, RawDataset
-from medmerge.data.validate import validate_raw
+from medmerge.data import decode
+from medmerge.data.decode import ChunkReport
+from medmerge.data.images import warn_upscaled
+from medmerge.data.manifest import ImageManifest, manifest_path, read_image_manifest
+from medmerge.data.npz import SPLITS, DataError, RawDataset, load_npz
+from medmerge.data.resize import DEFAULT_RESIZE, check_policy, resize_images, to_rgb  # noqa: F401
+from medmerge.data.subsample import subsample_train
+from medmerge.data.validate import check_missing_classes, log_imbalance, warn_duplicates
 from medmerge.io import atomic_directory
 
 log = logging.getLogger("medmerge.data")
 
-CHUNK = 1024  # images converted and resized at once
+CHUNK = 64  # images decoded, resized and written by one task
 META_FILE = "meta.json"
 
 
-# ---------------------------------------------------------------- channels and size
+def default_workers() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _alpha_over_black(images: np.ndarray) -> np.ndarray:
-    rgb, alpha = images[..., :3].astype(np.uint16), images[..., 3:].astype(np.uint16)
-    return ((rgb * alpha + 127) // 255).astype(np.uint8)
-
-
-#: channel count -> converter of a (n, H, W, C) uint8 chunk to (n, H, W, 3)
-CHANNEL_CONVERTERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    1: lambda images: np.repeat(images, 3, axis=-1),
-    3: lambda images: images,
-    4: _alpha_over_black,
-}
-
-
-def to_rgb(images: np.ndarray) -> np.ndarray:
-    """uint8 (n, H, W) or (n, H, W, C) with C in 1/3/4 -> (n, H, W, 3); RGBA is composited on black."""
-    if images.ndim == 3:
-        images = images[..., None]
-    channels = images.shape[-1]
-    if images.ndim != 4 or channels not in CHANNEL_CONVERTERS:
-        raise DataError(f"cannot make RGB from images of shape {images.shape}")
-    return CHANNEL_CONVERTERS[channels](images)
-
-
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 (n, H, W, 3) to (n, size, size, 3): area averaging down, bilinear up; no-op if equal."""
-    height, width = images.shape[1:3]
-    if (height, width) == (size, size):
-        return images
-    shrink = size < min(height, width)
-    resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i, image in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(image).resize((size, size), resample=resample))
-    return out
+def open_raw_dataset(npz_path: Path, num_classes: int | None = None) -> RawDataset | ImageManifest:
+    """What ``fetch_data`` wrote for a dataset: its ``.npz``, else its split manifest of image files."""
+    npz_path = Path(npz_path)
+    if npz_path.is_file():
+        return load_npz(npz_path, num_classes=num_classes)
+    if manifest_path(npz_path).is_file():
+        return read_image_manifest(npz_path)
+    raise DataError(f"{npz_path}: not found (nor {manifest_path(npz_path).name}); run the fetch_data stage first")
 
 
 # ---------------------------------------------------------------- classes and counts
 
 
-def _check_same_order(raw: RawDataset, names: list[str]) -> None:
+def _check_same_order(raw: RawDataset | ImageManifest, names: list[str]) -> None:
     """The given names may rename the file's classes, but not reorder the same names (labels would swap)."""
     if raw.class_names is not None and set(raw.class_names) == set(names) and raw.class_names != names:
         raise DataError(
@@ -79,7 +73,7 @@ def _check_same_order(raw: RawDataset, names: list[str]) -> None:
         )
 
 
-def resolve_class_names(raw: RawDataset, class_names: list[str] | None = None) -> list[str]:
+def resolve_class_names(raw: RawDataset | ImageManifest, class_names: list[str] | None = None) -> list[str]:
     """The given names, else the file's names, else ``class_{i}`` for 0..max label."""
     if class_names is not None:
         names = [str(n) for n in class_names]
@@ -113,46 +107,189 @@ def imbalance_ratio(counts: dict[str, int]) -> float | None:
 # ---------------------------------------------------------------- writing
 
 
-def _write_split(images: np.ndarray, labels: np.ndarray, image_size: int, out: Path, split: str) -> None:
-    dest = np.lib.format.open_memmap(
-        out / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(len(images), image_size, image_size, 3)
+def _chunks(items: Sequence) -> Iterator[tuple[int, Sequence]]:
+    for start in range(0, len(items), CHUNK):
+        yield start, items[start : start + CHUNK]
+
+
+def _files(items: Sequence) -> bool:
+    return not isinstance(items, np.ndarray)
+
+
+class DecodingWorkers:
+    """``count`` worker processes (:func:`medmerge.data.decode.serve`) fed chunks over pipes.
+
+    Chunk ``k`` goes to worker ``k % count`` and each worker answers in order, so the reports come back in
+    chunk order; at most two chunks per worker are in flight. The workers are fresh interpreters that
+    import only NumPy, Pillow and the readers: neither this process's memory (torch, the labels) nor its
+    threads are inherited.
+    """
+
+    def __init__(self, count: int) -> None:
+        paths = [path or os.getcwd() for path in sys.path]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        # imported, not run as __main__, so that its classes unpickle here under their module's name
+        command = [sys.executable, "-c", "from medmerge.data.decode import serve; serve()"]
+        self.processes = [
+            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(count)
+        ]
+
+    def map(self, tasks: Iterator[tuple]) -> Iterator[ChunkReport]:
+        pending: deque[subprocess.Popen] = deque()
+        for k, task in enumerate(tasks):
+            worker = self.processes[k % len(self.processes)]
+            pickle.dump(task, worker.stdin)
+            worker.stdin.flush()
+            pending.append(worker)
+            if len(pending) >= 2 * len(self.processes):
+                yield self._answer(pending.popleft())
+        while pending:
+            yield self._answer(pending.popleft())
+
+    @staticmethod
+    def _answer(worker: subprocess.Popen) -> ChunkReport:
+        try:
+            status, value = pickle.load(worker.stdout)
+        except EOFError:
+            raise RuntimeError(f"decoding worker {worker.pid} exited with status {worker.wait()}") from None
+        if status == "error":
+            raise value
+        return value
+
+    def close(self, kill: bool = False) -> None:
+        for worker in self.processes:
+            if kill:
+                worker.kill()
+            else:
+                worker.stdin.close()
+        for worker in self.processes:
+            worker.wait()
+            worker.stdout.close()
+            if kill:
+                worker.stdin.close()
+
+
+@contextlib.contextmanager
+def decoding_workers(workers: int, splits: Sequence[Sequence]) -> Iterator[DecodingWorkers | None]:
+    """``workers`` decoding processes when there are files to decode in more than one chunk, else None;
+    one set serves every split, and they are stopped (killed on an error) when the block ends."""
+    if workers <= 1 or not any(_files(items) and len(items) > CHUNK for items in splits):
+        yield None
+        return
+    pool = DecodingWorkers(workers)
+    try:
+        yield pool
+    except BaseException:
+        pool.close(kill=True)
+        raise
+    pool.close()
+
+
+def write_images(
+    dest: Path,
+    items: Sequence,
+    size: int,
+    policy: str = DEFAULT_RESIZE,
+    workers: DecodingWorkers | None = None,
+    label: str = "",
+) -> set[bytes]:
+    """Preallocate ``dest`` as uint8 (N, size, size, 3) ``.npy`` and fill it; return the image hashes.
+
+    Files are decoded by the ``workers`` processes when given (see :func:`decoding_workers`), arrays
+    always in this process (they are in memory already).
+    """
+    check_policy(policy)
+    np.lib.format.open_memmap(dest, mode="w+", dtype=np.uint8, shape=(len(items), size, size, 3)).flush()
+    reports = (
+        workers.map((str(dest), start, list(chunk), size, policy) for start, chunk in _chunks(items))
+        if workers is not None and _files(items)
+        else (decode.fill_chunk(str(dest), start, chunk, size, policy) for start, chunk in _chunks(items))
     )
-    for start in range(0, len(images), CHUNK):
-        dest[start : start + CHUNK] = resize_images(to_rgb(images[start : start + CHUNK]), image_size)
-    dest.flush()
-    del dest
-    np.save(out / f"{split}_labels.npy", labels.astype(np.int64))
+    hashes: set[bytes] = set()
+    small: list[str] = []
+    for report in reports:
+        hashes.update(report.hashes)
+        small += report.small
+    warn_upscaled(small, len(items), size, label)
+    return hashes
+
+
+def _take(items: Sequence, index: np.ndarray) -> Sequence:
+    return items[index] if isinstance(items, np.ndarray) else [items[i] for i in index]
+
+
+def _subsample(
+    raw: RawDataset | ImageManifest, num_classes: int, fraction: float | None, per_class: int | None, seed: int
+) -> tuple[Sequence, np.ndarray, dict | None]:
+    """The training items and labels to write, and what the subsampling did (None: all kept)."""
+    images, labels = raw.images["train"], raw.labels["train"]
+    if fraction is None and per_class is None:
+        return images, labels, None
+    groups = getattr(raw, "groups", {}).get("train")
+    groups = np.arange(len(labels)) if groups is None else groups
+    keep = subsample_train(labels, groups, num_classes, fraction=fraction, per_class=per_class, seed=seed)
+    info = {"train_fraction": fraction, "n_train_per_class": per_class, "seed": seed,
+            "images_before": len(labels), "images_after": len(keep)}  # fmt: skip
+    log.info("%s: training split subsampled %s", raw.source.name, info)
+    return _take(images, keep), labels[keep], info
 
 
 def prepare_dataset(
-    raw: RawDataset, image_size: int, out_dir: Path, class_names: list[str] | None = None
+    raw: RawDataset | ImageManifest,
+    image_size: int,
+    out_dir: Path,
+    class_names: list[str] | None = None,
+    *,
+    resize: str = DEFAULT_RESIZE,
+    workers: int = 1,
+    allow_missing_classes: bool = False,
+    train_fraction: float | None = None,
+    n_train_per_class: int | None = None,
+    subsample_seed: int = 0,
+    ordinal: bool = False,
 ) -> dict:
     """Write resized RGB uint8 arrays, int64 labels and ``meta.json`` to ``out_dir``; return the meta.
 
-    Everything is written into a temporary sibling directory that replaces ``out_dir`` only when
-    complete, so a failure leaves the previous ``out_dir`` (or none) and no temporary directory.
+    ``resize`` is the aspect-ratio policy; ``train_fraction`` / ``n_train_per_class`` subsample the
+    training split (:mod:`medmerge.data.subsample`); a train split without some class is a DataError
+    unless ``allow_missing_classes``. Everything is written into a temporary sibling directory that
+    replaces ``out_dir`` only when complete, so a failure leaves the previous ``out_dir`` (or none).
     """
     if int(image_size) != image_size or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-    out_dir = Path(out_dir)
+    check_policy(resize)
+    out_dir, size, source = Path(out_dir), int(image_size), raw.source.name
     names = resolve_class_names(raw, class_names)
-    counts = class_counts(raw.labels, names)
+    train_images, train_labels, subsample = _subsample(
+        raw, len(names), train_fraction, n_train_per_class, subsample_seed
+    )
+    items = {"train": train_images, **{split: raw.images[split] for split in SPLITS[1:]}}
+    labels = {"train": train_labels, **{split: raw.labels[split] for split in SPLITS[1:]}}
+    counts = class_counts(labels, names)
+    check_missing_classes(counts, source, allow_missing_classes)
     imbalance = imbalance_ratio(counts["train"])
-    report = validate_raw(raw, counts, imbalance)
-    meta = {
-        "classes": names,
-        "num_classes": len(names),
-        "image_size": int(image_size),
-        "counts": counts,
-        "source": raw.source.name,
-        "imbalance_ratio": imbalance,
-        **report,
-    }
-    with atomic_directory(out_dir) as tmp:
+    log_imbalance(counts["train"], imbalance, source)
+    hashes = {}
+    with atomic_directory(out_dir) as tmp, decoding_workers(workers, list(items.values())) as decoders:
         for split in SPLITS:
-            _write_split(raw.images[split], raw.labels[split], int(image_size), tmp, split)
+            hashes[split] = write_images(
+                tmp / f"{split}_images.npy", items[split], size, resize, decoders, f"{source} [{split}]"
+            )
+            np.save(tmp / f"{split}_labels.npy", labels[split].astype(np.int64))
+        meta = {
+            "classes": names,
+            "num_classes": len(names),
+            "image_size": size,
+            "resize": resize,
+            "ordinal": bool(ordinal),
+            "counts": counts,
+            "source": source,
+            "imbalance_ratio": imbalance,
+            "train_subsample": subsample,
+            "duplicates_across_splits": warn_duplicates(hashes, source),
+        }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("prepared %s -> %s (%d classes, %d px)", raw.source.name, out_dir, len(names), image_size)
+    log.info("prepared %s -> %s (%d classes, %d px, %s)", source, out_dir, len(names), size, resize)
     return meta
 
 

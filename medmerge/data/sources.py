@@ -1,9 +1,9 @@
-"""The ``imagefolder`` and ``csv`` data origins: image files on disk -> one MedMNIST-layout ``.npz``.
+"""The ``imagefolder`` and ``csv`` data origins: image files on disk -> a split manifest.
 
 Both collect :class:`ImageRecords` (which file, which class, which patient, which split if given),
-check everything that is cheap to check, assign missing splits (:mod:`medmerge.data.splits`), read
-and resize the images (:mod:`medmerge.data.images`), then write ``<name>.splits.csv`` and the
-``.npz`` atomically.
+check everything that is cheap to check, assign missing splits (:mod:`medmerge.data.splits`), then
+write ``<name>.splits.csv`` and ``<name>.classes.json`` (:mod:`medmerge.data.manifest`) atomically.
+The pixels are not copied: the prepare stage reads each image from where it is.
 """
 
 from __future__ import annotations
@@ -16,16 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medmerge.data.images import DEFAULT_IMAGE_SIZE, IMAGE_READERS, is_image_file, read_images
-from medmerge.data.npz import SPLITS, DataError, save_npz_atomic
-from medmerge.data.splits import (
-    assign_splits,
-    canonical_split,
-    check_fractions,
-    manifest_path,
-    split_order,
-    write_manifest,
-)
+from medmerge.data.images import IMAGE_READERS, is_image_file
+from medmerge.data.manifest import write_image_manifest
+from medmerge.data.npz import SPLITS, DataError
+from medmerge.data.splits import assign_splits, canonical_split, check_fractions, split_order
 
 log = logging.getLogger("medmerge.data")
 
@@ -60,13 +54,12 @@ def write_image_dataset(
     records: ImageRecords,
     class_names: list[str],
     *,
-    image_size: int,
     val_fraction: float,
     test_fraction: float,
     seed: int,
     source: str,
 ) -> Path:
-    """Assign splits, read the images in split order, write the manifest, then the npz."""
+    """Assign splits and write the manifest (in split order) + class list next to ``out_path``."""
     check_fractions(val_fraction, test_fraction, source)
     splits = assign_splits(
         records.labels, records.groups, records.splits, val_fraction, test_fraction, seed, source
@@ -77,25 +70,16 @@ def write_image_dataset(
     except DataError as err:
         raise DataError(f"{source}: {err}") from None
     flat = np.concatenate(list(order.values()))
-    images = read_images([records.files[i] for i in flat], image_size, label=source)
-    arrays, start = {}, 0
-    for split, idx in order.items():
-        arrays[f"{split}_images"] = images[start : start + len(idx)]
-        arrays[f"{split}_labels"] = records.labels[idx].astype(np.int64)[:, None]
-        start += len(idx)
-    arrays["class_names"] = np.array(class_names, dtype=str)
-    rows = [(records.names[i], class_names[records.labels[i]], splits[i], records.groups[i]) for i in flat]
-    manifest = write_manifest(manifest_path(out_path), rows)
-    try:
-        save_npz_atomic(out_path, arrays)
-    except BaseException:
-        manifest.unlink(missing_ok=True)  # no manifest without its npz
-        raise
+    rows = [
+        (records.names[i], class_names[records.labels[i]], splits[i], records.groups[i], records.files[i].as_posix())
+        for i in flat
+    ]
+    manifest = write_image_manifest(Path(out_path), rows, class_names, source)
     counts = {split: len(idx) for split, idx in order.items()}
     log.info(
-        "%s: %d images, %d classes, splits %s -> %s", source, len(flat), len(class_names), counts, out_path
+        "%s: %d images, %d classes, splits %s -> %s", source, len(flat), len(class_names), counts, manifest
     )
-    return out_path
+    return manifest
 
 
 # ---------------------------------------------------------------- imagefolder
@@ -188,7 +172,6 @@ def fetch_imagefolder(
     out_path: Path,
     *,
     root: str | Path,
-    image_size: int = DEFAULT_IMAGE_SIZE,
     splits: dict[str, str] | None = None,
     classes: list[str] | None = None,
     val_fraction: float = 0.15,
@@ -214,8 +197,8 @@ def fetch_imagefolder(
     names = [p.relative_to(root).as_posix() for p in files]
     records = ImageRecords(files, names, np.array(labels, dtype=np.int64), np.array(names), np.array(given))
     return write_image_dataset(
-        Path(out_path), records, class_names, image_size=image_size, val_fraction=val_fraction,
-        test_fraction=test_fraction, seed=seed, source=str(root),
+        Path(out_path), records, class_names, val_fraction=val_fraction, test_fraction=test_fraction,
+        seed=seed, source=str(root),
     )  # fmt: skip
 
 
@@ -275,26 +258,49 @@ def label_indices(values: list[str], classes: list[str], path: Path) -> np.ndarr
     return out
 
 
-def _image_files(values: list[str], image_root: Path, path: Path) -> list[Path]:
+def _find(name: str, roots: list[Path]) -> Path:
+    """The first of ``root / name`` that exists (the first candidate when none does)."""
+    candidates = [root / name for root in roots]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def _image_files(values: list[str], roots: list[Path], template: str, path: Path) -> list[Path]:
     files = []
     for row, value in enumerate(values):
         if not value:
             raise DataError(f"{path}, {_line(row)}: empty image path")
-        file = image_root / value
-        if file.suffix.lower() not in IMAGE_READERS:
+        name = template.format(value)
+        if Path(name).suffix.lower() not in IMAGE_READERS:
             raise DataError(
-                f"{path}, {_line(row)}: {value!r} is not a supported image file; "
-                f"expected a suffix in {sorted(IMAGE_READERS)}"
+                f"{path}, {_line(row)}: {name!r} is not a supported image file; "
+                f"expected a suffix in {sorted(IMAGE_READERS)} (option path_template={template!r})"
             )
-        files.append(file)
+        files.append(_find(name, roots))
     missing = [row for row, file in enumerate(files) if not file.is_file()]
     if missing:
         row = missing[0]
         raise DataError(
-            f"{path}, {_line(row)}: image {values[row]!r} not found at {files[row]} "
-            f"({len(missing)} missing file(s) in total; image_root={image_root})"
+            f"{path}, {_line(row)}: image {template.format(values[row])!r} not found at {files[row]} "
+            f"({len(missing)} missing file(s) in total; image_root={[str(r) for r in roots]})"
         )
     return files
+
+
+def _one_hot_labels(table: pd.DataFrame, columns: list[str], path: Path) -> np.ndarray:
+    """Class index per row from one-hot columns (exactly one column is 1 in each row)."""
+    try:
+        values = table[columns].astype(float).to_numpy()
+    except ValueError as err:
+        raise DataError(f"{path}: label_columns {columns} must hold numbers 0/1 ({err})") from None
+    hot = values > 0.5
+    bad = np.flatnonzero(hot.sum(axis=1) != 1)
+    if len(bad):
+        row = int(bad[0])
+        raise DataError(
+            f"{path}, {_line(row)}: {int(hot[row].sum())} of the one-hot label_columns {columns} are set; "
+            f"expected exactly one ({len(bad)} such row(s); leave out columns of classes without images)"
+        )
+    return hot.argmax(axis=1).astype(np.int64)
 
 
 def _given_splits(values: list[str], path: Path, column: str) -> np.ndarray:
@@ -309,50 +315,76 @@ def _given_splits(values: list[str], path: Path, column: str) -> np.ndarray:
     return np.array(out)
 
 
-def _groups(values: list[str], path: Path, column: str) -> np.ndarray:
+def _groups(values: list[str], path: Path, column: str, pattern: str | None) -> np.ndarray:
     empty = [row for row, value in enumerate(values) if not value]
     if empty:
         raise DataError(f"{path}, {_line(empty[0])}: empty {column!r} ({len(empty)} row(s) without a group)")
-    return np.array(values)
+    if pattern is None:
+        return np.array(values)
+    regex = re.compile(pattern)
+    groups = []
+    for row, value in enumerate(values):
+        match = regex.search(value)
+        if match is None:
+            raise DataError(f"{path}, {_line(row)}: {column} {value!r} does not match group_regex {pattern!r}")
+        groups.append(match.group(1) if regex.groups else match.group(0))
+    return np.array(groups)
 
 
 def fetch_csv(
     out_path: Path,
     *,
     path: str | Path,
-    image_root: str | Path | None = None,
+    image_root: str | Path | list[str | Path] | None = None,
     path_column: str = "path",
-    label_column: str = "label",
+    path_template: str = "{}",
+    label_column: str | None = "label",
+    label_columns: list[str] | None = None,
     split_column: str | None = None,
     group_column: str | None = None,
+    group_regex: str | None = None,
     classes: list[str] | None = None,
-    image_size: int = DEFAULT_IMAGE_SIZE,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
 ) -> Path:
     """A CSV manifest of image paths and labels (+ optional split and patient/group columns).
 
-    ``split_column`` None uses a column named ``split`` when there is one; without a split column
-    the splits are stratified by label and grouped by ``group_column`` (one group per row if unset).
+    ``path_template`` turns a path-column value into a file name (``"{}.png"`` for APTOS' ``id_code``);
+    ``image_root`` may list several folders (the first holding the file wins). Labels are either one
+    column (``label_column``: class names or indices) or one-hot columns (``label_columns``, which are
+    then the class names unless ``classes`` renames them). ``group_regex`` takes the group from the
+    group column (or the path column when there is none): its first capture group, e.g. ``^(\\d+)_``
+    for EyePACS' ``<patient>_left``. ``split_column`` None uses a column named ``split`` when there is
+    one; without a split column the splits are stratified by label and grouped.
     """
     path = Path(path)
     table = _read_csv(path)
     if split_column is None and "split" in table.columns:
         split_column = "split"
+    if label_columns is not None:
+        label_column = None
     columns = {"path_column": path_column, "label_column": label_column,
                "split_column": split_column, "group_column": group_column}  # fmt: skip
     _require_columns(table, columns, path)
-    image_root = Path(image_root) if image_root is not None else path.parent
-    labels_raw = table[label_column].tolist()
-    class_names = [str(c) for c in classes] if classes is not None else _default_classes(labels_raw)
-    labels = label_indices(labels_raw, class_names, path)
+    if label_columns is not None:
+        _require_columns(table, {f"label_columns[{i}]": c for i, c in enumerate(label_columns)}, path)
+        labels = _one_hot_labels(table, list(label_columns), path)
+        class_names = [str(c) for c in (classes if classes is not None else label_columns)]
+        if len(class_names) != len(label_columns):
+            raise DataError(f"{path}: {len(class_names)} classes for {len(label_columns)} label_columns")
+    else:
+        labels_raw = table[label_column].tolist()
+        class_names = [str(c) for c in classes] if classes is not None else _default_classes(labels_raw)
+        labels = label_indices(labels_raw, class_names, path)
+    roots = image_root if isinstance(image_root, list) else [image_root if image_root is not None else path.parent]
     names = table[path_column].tolist()
-    files = _image_files(names, image_root, path)
-    groups = _groups(table[group_column].tolist(), path, group_column) if group_column else np.array(names)
+    files = _image_files(names, [Path(r) for r in roots], path_template, path)
+    group_values = table[group_column].tolist() if group_column else names
+    groups = _groups(group_values, path, group_column or path_column, group_regex)
     given = _given_splits(table[split_column].tolist(), path, split_column) if split_column else None
     records = ImageRecords(files, names, labels, groups, given)
     return write_image_dataset(
-        Path(out_path), records, class_names, image_size=image_size, val_fraction=val_fraction,
-        test_fraction=test_fraction, seed=seed, source=str(path),
+        Path(out_path), records, class_names, val_fraction=val_fraction, test_fraction=test_fraction,
+        seed=seed, source=str(path),
     )  # fmt: skip

@@ -1,5 +1,4 @@
-"""Train/val/test assignment for image datasets (stratified by label, grouped by patient) and the
-``<name>.splits.csv`` audit manifest.
+"""Train/val/test assignment for image datasets (stratified by label, grouped by patient).
 
 Missing splits are carved out of the training pool with scikit-learn's ``StratifiedGroupKFold``
 (shuffled with ``seed``): a fraction ``f`` becomes one of ``k = round(1 / f)`` folds, so the realised
@@ -11,16 +10,13 @@ the rest is taken, so every class with images stays in train.
 
 from __future__ import annotations
 
-import csv
 import logging
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from medmerge.data.manifest import manifest_path, write_manifest  # noqa: F401  (re-exported)
 from medmerge.data.npz import SPLITS, DataError
-from medmerge.io import atomic_file
 
 log = logging.getLogger("medmerge.data")
 
@@ -35,7 +31,6 @@ SPLIT_ALIASES: dict[str, str] = {
     "test": "test",
     "testing": "test",
 }
-MANIFEST_COLUMNS = ("path", "label", "split", "group")
 
 
 def canonical_split(name: str) -> str | None:
@@ -78,7 +73,13 @@ def carve(
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        folds = [fold for _, fold in splitter.split(pool, labels[pool], groups[pool])]
+        try:
+            folds = [fold for _, fold in splitter.split(pool, labels[pool], groups[pool])]
+        except ValueError as err:  # e.g. every class has fewer than k images
+            raise DataError(
+                f"{what}: cannot take 1 of {k} stratified folds ({err}); lower val_fraction/test_fraction, "
+                "add images or give the splits"
+            ) from None
     chosen = next((fold for fold in folds if _keeps_all_classes(labels[pool], fold)), folds[0])
     return pool[np.sort(chosen)]
 
@@ -117,17 +118,3 @@ def split_order(splits: np.ndarray) -> dict[str, np.ndarray]:
     if empty:
         raise DataError(f"split(s) {empty} have no images; expected images in each of {list(SPLITS)}")
     return order
-
-
-def manifest_path(npz_path: Path) -> Path:
-    """``<dir>/<name>.splits.csv`` next to ``<dir>/<name>.npz``."""
-    return npz_path.with_name(f"{npz_path.stem}.splits.csv")
-
-
-def write_manifest(path: Path, rows: Sequence[tuple[str, str, str, str]]) -> Path:
-    """Write (path, label, split, group) rows as CSV via a temporary sibling + ``os.replace``."""
-    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(rows)
-    return path

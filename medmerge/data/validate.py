@@ -1,7 +1,7 @@
 """Checks of a raw dataset before preparation, reported as log warnings (logger ``medmerge.data``).
 
-* the same image (identical uint8 pixels) in two splits: leakage between train and evaluation;
-* a split without any image of a class;
+* the same image (identical prepared uint8 pixels) in two splits: leakage between train and evaluation;
+* a split without any image of a class (an error for the train split unless the dataset allows it);
 * class imbalance of the train split (max / min class count).
 """
 
@@ -13,7 +13,7 @@ from itertools import combinations
 
 import numpy as np
 
-from medmerge.data.npz import RawDataset
+from medmerge.data.npz import DataError
 
 log = logging.getLogger("medmerge.data")
 
@@ -21,19 +21,25 @@ log = logging.getLogger("medmerge.data")
 IMBALANCE_WARN_RATIO = 10.0
 
 
+def image_digest(image: np.ndarray) -> bytes:
+    """Content hash (shape + pixels) of one image."""
+    digest = hashlib.blake2b(str(image.shape).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.digest()
+
+
 def image_hashes(images: np.ndarray) -> set[bytes]:
-    """Content hashes (shape + pixels) of every image in an (N, ...) array."""
-    hashes = set()
-    for image in images:
-        digest = hashlib.blake2b(str(image.shape).encode(), digest_size=16)
-        digest.update(np.ascontiguousarray(image).tobytes())
-        hashes.add(digest.digest())
-    return hashes
+    """Content hashes of every image in an (N, ...) array."""
+    return {image_digest(image) for image in images}
 
 
 def duplicates_across_splits(images: dict[str, np.ndarray]) -> tuple[int, dict[tuple[str, str], int]]:
     """(distinct images found in more than one split, {(split_a, split_b): images shared by the pair})."""
-    hashes = {split: image_hashes(array) for split, array in images.items()}
+    return shared_hashes({split: image_hashes(array) for split, array in images.items()})
+
+
+def shared_hashes(hashes: dict[str, set[bytes]]) -> tuple[int, dict[tuple[str, str], int]]:
+    """:func:`duplicates_across_splits` from the image hashes of each split."""
     pairs = {(a, b): len(hashes[a] & hashes[b]) for a, b in combinations(hashes, 2)}
     seen: dict[bytes, int] = {}
     for split_hashes in hashes.values():
@@ -42,9 +48,9 @@ def duplicates_across_splits(images: dict[str, np.ndarray]) -> tuple[int, dict[t
     return sum(1 for n in seen.values() if n > 1), {pair: n for pair, n in pairs.items() if n}
 
 
-def warn_duplicates(images: dict[str, np.ndarray], source: str) -> int:
+def warn_duplicates(hashes: dict[str, set[bytes]], source: str) -> int:
     """Log one warning per pair of splits sharing images; return the number of shared images."""
-    total, pairs = duplicates_across_splits(images)
+    total, pairs = shared_hashes(hashes)
     for (a, b), n in pairs.items():
         log.warning(
             "%s: %d image(s) appear in both the %r and %r splits (identical pixels): evaluation leaks training data",
@@ -53,12 +59,18 @@ def warn_duplicates(images: dict[str, np.ndarray], source: str) -> int:
     return total
 
 
-def warn_missing_classes(counts: dict[str, dict[str, int]], source: str) -> None:
-    """Log a warning for every split with no samples of some class."""
+def check_missing_classes(counts: dict[str, dict[str, int]], source: str, allow_missing: bool) -> None:
+    """DataError when the train split lacks a class (unless ``allow_missing``); warnings for the others."""
     for split, per_class in counts.items():
         missing = [name for name, n in per_class.items() if n == 0]
-        if missing:
-            log.warning("%s: split %r has no samples of class(es) %s", source, split, missing)
+        if not missing:
+            continue
+        if split == "train" and not allow_missing:
+            raise DataError(
+                f"{source}: the train split has no image of class(es) {missing}, so the model could never "
+                "predict them; fix the data or classes, or set allow_missing_classes: true for this dataset"
+            )
+        log.warning("%s: split %r has no samples of class(es) %s", source, split, missing)
 
 
 def log_imbalance(train_counts: dict[str, int], ratio: float | None, source: str) -> None:
@@ -67,13 +79,3 @@ def log_imbalance(train_counts: dict[str, int], ratio: float | None, source: str
         return  # a class without samples: already warned by warn_missing_classes
     level = logging.WARNING if ratio >= IMBALANCE_WARN_RATIO else logging.INFO
     log.log(level, "%s: train class imbalance %.2f (max/min count) %s", source, ratio, train_counts)
-
-
-def validate_raw(
-    raw: RawDataset, counts: dict[str, dict[str, int]], imbalance: float | None
-) -> dict[str, int]:
-    """Run every check, logging what is found; return ``{"duplicates_across_splits": n}``."""
-    source = raw.source.name
-    warn_missing_classes(counts, source)
-    log_imbalance(counts["train"], imbalance, source)
-    return {"duplicates_across_splits": warn_duplicates(raw.images, source)}

@@ -7,16 +7,13 @@ The state keeps whatever classifier head the source had; the pipeline drops head
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import os
 import pickle
 import re
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,8 @@ import timm
 import torch
 from timm.models import split_model_name_tag
 from torch import Tensor
+
+from medmerge.download import ChecksumError, DownloadError, download_file
 
 from .checkpoint import STATE_DICT_LOADERS, CheckpointError, load_state_dict_file, sha256_file
 from .efficientnet_lite import remap_lukemelas_to_timm
@@ -39,8 +38,6 @@ __all__ = [
 ]
 
 Origin = Callable[[str, dict[str, Any], "Path | None"], tuple[dict[str, Tensor], dict[str, Any]]]
-
-DOWNLOAD_CHUNK = 1 << 20
 
 
 class OriginError(ValueError):
@@ -183,31 +180,14 @@ def _fetch_timm(arch: str, options: dict[str, Any], cache_dir: Path | None):
 
 # --- url ------------------------------------------------------------------------------------------------
 
-def _download(url: str, dest_dir: Path, suffix: str, timeout: float) -> tuple[Path, str]:
-    """Stream ``url`` to a temp file in ``dest_dir``; ``(path, sha256)``. Nothing is left behind on error."""
-    fd, name = tempfile.mkstemp(prefix=".download-", suffix=suffix, dir=dest_dir)
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(DOWNLOAD_CHUNK):
-                f.write(chunk)
-                digest.update(chunk)
-    except BaseException:
-        os.unlink(name)
-        raise
-    return Path(name), digest.hexdigest()
-
-
 def _verified_download(url: str, expected: str, dest: Path, timeout: float) -> None:
     """Download ``url`` to ``dest`` if its sha256 is ``expected``; else CheckpointError, no file left."""
     try:
-        tmp, actual = _download(url, dest.parent, dest.suffix, timeout)
-    except urllib.error.URLError as e:
+        download_file(url, dest, sha256=expected, timeout=timeout)
+    except ChecksumError as e:
+        raise CheckpointError(str(e)) from None
+    except DownloadError as e:
         raise WeightsUnavailableError(f"origin 'url': cannot download {url}: {e}") from e
-    if actual != expected:
-        tmp.unlink()
-        raise CheckpointError(f"sha256 mismatch for {url}: expected {expected}, got {actual}")
-    os.replace(tmp, dest)
 
 
 def _url_suffix(url: str) -> str:
