@@ -16,7 +16,15 @@ from medmerge.io import read_json
 from medmerge.methods import rebuild_merge
 from medmerge.models import load_model_dir, save_model_dir
 from medmerge.pipeline import apply_saved_permutations, collapse, model_state_cpu, restore_merge_state
-from medmerge.stage import run, seed_everything, stage_dataset, stage_output, stage_params, stage_runtime
+from medmerge.stage import (
+    model_input,
+    run,
+    seed_everything,
+    stage_dataset,
+    stage_output,
+    stage_params,
+    stage_runtime,
+)
 
 
 def nested_permutations(flat: dict) -> dict:
@@ -59,7 +67,8 @@ def main() -> None:
             card = {"arch": info["arch"], "num_classes": info["num_classes"], "classes": info["classes"],
                     "task": params.data.target, "stage": "collapse", "method": args.method,
                     "merge_method": settings.method, "sources": info["sources"], "seed": seed,
-                    "align": info["align"], "bn_recalibrated": settings.bn_recalibration}
+                    "align": info["align"], "bn_recalibrated": settings.bn_recalibration,
+                    "input": model_input(info["arch"], params.data.target)}
             save_model_dir(layout.seed_dir(out, seed), model_state_cpu(model), card)
 
 

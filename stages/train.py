@@ -20,6 +20,7 @@ from medmerge.models import load_model_dir, save_model_dir
 from medmerge.pipeline import model_state_cpu, test_metrics, train_classifier
 from medmerge.stage import (
     maybe_relaunch,
+    model_input,
     run,
     seed_everything,
     stage_dataset,
@@ -103,7 +104,8 @@ def main() -> None:
             card = {"arch": params.arch, "num_classes": data.num_classes, "classes": data.classes,
                     "task": job.dataset, "stage": job.stage, "init": str(init_dir),
                     "init_sha256": init_card.get("sha256"), "epochs": job.epochs, "best_epoch": history.best_epoch,
-                    "seed": seed, "linear_probe": job.linear_probe, **job.tags}
+                    "seed": seed, "linear_probe": job.linear_probe, "input": model_input(params.arch, job.dataset),
+                    **job.tags}
             save_model_dir(layout.seed_dir(out, seed) if per_seed else out, model_state_cpu(model), card)
 
 

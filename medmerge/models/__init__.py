@@ -8,6 +8,7 @@ from .checkpoint import (
     sha256_file,
 )
 from .efficientnet_lite import remap_lukemelas_to_timm
+from .export import input_card, timm_config
 from .factory import (
     LoadReport,
     StateDictMismatchError,
@@ -34,6 +35,7 @@ __all__ = [
     "data_config",
     "fetch_weights",
     "head_keys",
+    "input_card",
     "load_backbone",
     "load_model_dir",
     "load_state_dict_file",
@@ -41,4 +43,5 @@ __all__ = [
     "remap_lukemelas_to_timm",
     "save_model_dir",
     "sha256_file",
+    "timm_config",
 ]
