@@ -30,7 +30,7 @@ from medmerge.stage import (
     stage_params,
     stage_runtime,
 )
-from medmerge.tracking import stage_run
+from medmerge.tracking import TRAINING_SPLITS, stage_run
 
 
 def flat_permutations(permutations: dict) -> dict:
@@ -70,6 +70,7 @@ def main() -> None:
                     "granularity": settings.granularity, "align": settings.align}
             with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
                            run_name=f"{args.method} seed {seed}", tags=tags) as tracker:
+                tracker.log_dataset(layout.processed_dir(params.data.target), params.data.target, TRAINING_SPLITS)
                 result = run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed,
                                                       on_epoch=tracker.log_epoch))
                 if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them

@@ -28,7 +28,7 @@ from medmerge.stage import (
     stage_params,
     stage_runtime,
 )
-from medmerge.tracking import stage_run
+from medmerge.tracking import TRAINING_SPLITS, stage_run
 
 log = logging.getLogger("medmerge.stages.train")
 JOBS = ("pretrain", "ft", "lpft", "finetune_merged")
@@ -90,6 +90,7 @@ def main() -> None:
             label = f"{job.label} seed {seed}" if per_seed else job.label
             with stage_run(job.stage, params.mlflow.experiment, flat, params.mlflow.tracking_uri,
                            run_name=label, tags={**job.tags, "seed": str(seed)}) as tracker:
+                tracker.log_dataset(layout.processed_dir(job.dataset), job.dataset, TRAINING_SPLITS)
                 model, history = train_classifier(
                     params.arch, init_state, data, job.settings, runtime, epochs=job.epochs, seed=seed,
                     keep_head=job.keep_head, linear_probe=job.linear_probe, on_epoch=tracker.log_epoch,
