@@ -21,6 +21,7 @@ from medmerge.io import atomic_directory, write_json
 from medmerge.models import create_model, load_model_dir
 from medmerge.pipeline import test_metrics
 from medmerge.plots import plot_comparison, plot_confusion, plot_layerwise
+from medmerge.registry import best_model, register_best_model
 from medmerge.report import SCALARS, comparison_markdown, layerwise, summarize
 from medmerge.stage import run, seed_everything, stage_dataset, stage_params, stage_runtime
 from medmerge.tracking import stage_run
@@ -115,6 +116,13 @@ def main() -> None:
                     child.log_metrics({k: seed_row[k] for k in SCALARS}, step=int(seed_row["seed"]))
                 child.log_metrics({f"{k}_mean": row[f"{k}_mean"] for k in SCALARS})
                 child.log_metrics({f"{k}_std": row[f"{k}_std"] for k in SCALARS})
+        # the best merged model (fine-tuned) as an MLflow Model in the Model Registry (issue 13)
+        tracker.log_dataset(layout.processed_dir(params.data.target), params.data.target, {"test": "testing"})
+        if params.mlflow.registered_model:
+            best, seed = best_model(per_seed, list(params.methods))
+            register_best_model(layout.seed_dir(layout.MERGED_FT / best, seed), method=best, seed=seed,
+                                metrics=metrics[best], registered_name=params.mlflow.registered_model,
+                                input_example=data.test.images[:1])
 
 
 if __name__ == "__main__":
