@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def dataset_digest(prepared_dir: Path, split: str) -> str:
 
 def prepared_dataset(prepared_dir: Path, name: str, split: str) -> Any:
     """An ``mlflow.data`` dataset (metadata only: name, digest, source path, image schema) for one split."""
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types import Schema, TensorSpec
 
@@ -129,8 +130,10 @@ def prepared_dataset(prepared_dir: Path, name: str, split: str) -> Any:
 
     size = int(read_meta(prepared_dir)["image_size"])
     schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "image")])
-    return MetaDataset(LocalArtifactDatasetSource(str(prepared_dir)), name=f"{name}/{split}",
-                       digest=dataset_digest(prepared_dir, split), schema=schema)
+    with warnings.catch_warnings():  # MLflow registers its local-path source twice, then warns it is ambiguous
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(prepared_dir))
+    return MetaDataset(source, name=f"{name}/{split}", digest=dataset_digest(prepared_dir, split), schema=schema)
 
 
 def _param_value(value: Any) -> str:

@@ -63,6 +63,30 @@ def test_experiments_are_marked_as_model_training(tmp_path: Path) -> None:
     assert ensure_experiment("old", uri) == old
 
 
+def test_training_runs_log_their_datasets_with_name_digest_and_context(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from medmerge.tracking import TRAINING_SPLITS, dataset_digest
+
+    prepared = tmp_path / "data/processed/lesions"
+    prepared.mkdir(parents=True)
+    (prepared / "meta.json").write_text(json.dumps({"image_size": SIZE, "classes": CLASSES}))
+    for split, n in (("train", 6), ("val", 3)):
+        np.save(prepared / f"{split}_images.npy", images(n, SIZE))
+        np.save(prepared / f"{split}_labels.npy", np.arange(n) % 3)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with stage_run("ft", "medmerge", {}, uri) as tracker:
+        tracker.log_dataset(prepared, "lesions", TRAINING_SPLITS)
+    logged = MlflowClient(uri).get_run(tracker.run_id).inputs.dataset_inputs
+    found = {d.dataset.name: (d.dataset.digest, [t.value for t in d.tags if t.key == "mlflow.data.context"])
+             for d in logged}
+    assert found == {"lesions/train": (dataset_digest(prepared, "train"), ["training"]),
+                     "lesions/val": (dataset_digest(prepared, "val"), ["validation"])}
+    assert dataset_digest(prepared, "train") != dataset_digest(prepared, "val")
+    np.save(prepared / "train_labels.npy", np.zeros(6, dtype=np.int64))  # other labels: another digest
+    assert dataset_digest(prepared, "train") != found["lesions/train"][0]
+
+
 def test_registered_model_loads_by_name_and_predicts_as_the_model_dir(tmp_path: Path, model_dir: Path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
