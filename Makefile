@@ -51,7 +51,9 @@ lint: install
 	$(BIN)/ruff check .
 
 # The MLflow UI on the same store the pipeline writes (127.0.0.1 only).
+# MLflow 3.17's UI opens experiments on GenAI traces unless the URL asks for the model-training view.
 ui: install
+	@echo "Training runs: the 'Model training' toggle (top left), or #/experiments/<id>?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 benchmark: install
