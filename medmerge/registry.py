@@ -90,6 +90,7 @@ def register_best_model(model_dir: str | os.PathLike[str], *, method: str, seed:
     if run is None:
         raise RuntimeError("register_best_model needs an active MLflow run (the evaluate run)")
     tags = {"method": method, "seed": str(seed), **{k: run.data.tags[k] for k in RUN_TAGS if k in run.data.tags}}
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # e.g. no verdict strings
     info = log_model_dir(model_dir, input_example, registered_name=registered_name, tags=tags)
     client = mlflow.MlflowClient()
     number = str(info.registered_model_version)

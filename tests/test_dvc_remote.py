@@ -14,12 +14,16 @@ pytestmark = pytest.mark.integration
 
 
 def tiniest_params() -> dict:
-    """One seed, one merge (average: no coefficients to learn), one epoch, 16 training images."""
+    """Ten stages: one dataset (the target, also both sources' task, 16 training images), one seed, no
+    baselines, one merge (average: nothing to learn but a probe), one epoch."""
     params = tiny_params()
-    for dataset in params["data"]["datasets"].values():
-        dataset["options"].update(n_train=16, n_val=8, n_test=8)
+    target = params["data"]["target"]
+    params["data"]["datasets"] = {target: params["data"]["datasets"][target]}
+    params["data"]["datasets"][target]["options"].update(n_train=16, n_val=8, n_test=8)
+    for source in params["sources"].values():
+        source["task"] = target
     params["merge"].update(finetune_epochs=0)
-    params.update(seeds=[0], baselines=["ft"], methods={"average": {"method": "average"}})
+    params.update(seeds=[0], baselines=[], methods={"average": {"method": "average"}})
     return params
 
 
@@ -29,7 +33,7 @@ def test_push_pull_and_experiments_through_local_remotes(tmp_path: Path) -> None
     first = copy_repo(tmp_path / "first", tiniest_params())
     init_and_repro(first, env, "tiniest pipeline")
     storage, origin = tmp_path / "dvc-storage", tmp_path / "origin.git"
-    run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
     run(["dvc", "remote", "add", "-d", "storage", str(storage)], first, env)
     run(["git", "add", "-A"], first, env)
     run(["git", "commit", "-qm", "results and the team's DVC remote"], first, env)

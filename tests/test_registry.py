@@ -92,10 +92,11 @@ def test_registered_model_loads_by_name_and_predicts_as_the_model_dir(tmp_path: 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     batch = images(4, 48)  # another size than the model's: the pyfunc model resizes as preparation does
     with stage_run("evaluate", "medmerge", {}, uri, run_name="evaluate"):
-        version = register_best_model(model_dir, method="medmerge", seed=1, metrics={"f1_macro": 0.5},
+        version = register_best_model(model_dir, method="medmerge", seed=1, metrics={"f1_macro": 0.5, "verdict": "better"},
                                       registered_name="lesions-merged", input_example=batch[:1])
     assert str(version.version) == "1" and version.tags["method"] == "medmerge" and version.tags["seed"] == "1"
     assert version.tags["test.f1_macro"] == "0.5" and "dvc_exp_name" in version.tags
+    assert "test.verdict" not in version.tags
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pyfunc.load_model("models:/lesions-merged/1")
     table = loaded.predict(batch)
