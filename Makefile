@@ -2,19 +2,32 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch/torchvision releases this platform serves from local disk (see ../shared/PLATFORM.md)
+# The torch build, installed first: the tested release by default. Another build, e.g. CPU-only wheels:
+#   make install TORCH_PINS="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Exact versions of every other package, as tested (Python 3.11, Linux x86_64); `make install LOCK=`
+# resolves from pyproject.toml's ranges instead (other platforms, other Python versions).
+LOCK ?= requirements.lock
+CONSTRAINTS = $(if $(LOCK),-c $(LOCK))
+# torch and what its build brings (CUDA runtime wheels, triton) are pinned by TORCH_PINS, not by the lock
+UNLOCKED = ^(torch|torchvision|triton|nvidia-[A-Za-z0-9_.-]+|cuda-[A-Za-z0-9_.-]+)==
 
-.PHONY: install demo repro test test-fast lint ui benchmark clean
+.PHONY: install lock demo repro test test-fast lint ui benchmark clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet $(CONSTRAINTS) $(TORCH_PINS)
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
 install: $(BIN)/.installed
+
+# Rewrite requirements.lock from the installed environment (after changing dependencies and testing).
+lock: install
+	{ echo "# Exact versions of the tested environment (Python 3.11, Linux x86_64), used as pip constraints"; \
+	  echo "# by \`make install\`; torch/torchvision come from TORCH_PINS. Regenerate with \`make lock\`."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -E '$(UNLOCKED)'; } > requirements.lock
 
 # Initialise git + DVC if this is not a repository yet (e.g. an unpacked archive).
 repo:
@@ -39,7 +52,9 @@ lint: install
 	$(BIN)/ruff check .
 
 # The MLflow UI on the same store the pipeline writes (127.0.0.1 only).
+# MLflow 3.17's UI opens experiments on GenAI traces unless the URL asks for the model-training view.
 ui: install
+	@echo "Training runs: the 'Model training' toggle (top left), or #/experiments/<id>?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 benchmark: install

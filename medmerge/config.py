@@ -156,6 +156,8 @@ class EvaluateSettings(_Section):
 class MlflowSettings(_Section):
     experiment: str = "medmerge"
     tracking_uri: str | None = None
+    # the Model Registry name under which evaluate registers the best merged model (null: not registered)
+    registered_model: str | None = Field("medmerge", min_length=1)
 
 
 class DeviceSettings(_Section):

@@ -165,6 +165,17 @@ def clear_resume_checkpoints() -> None:
                 parent.rmdir()
 
 
+def model_input(arch: str, dataset: str) -> dict:
+    """The preprocessing of a model trained on the prepared ``dataset``, for its card: the image size and
+    resize policy its ``meta.json`` records, the normalisation of ``arch`` (see ``medmerge.models.input_card``)."""
+    from medmerge import layout
+    from medmerge.data.prepare import read_meta
+    from medmerge.models import input_card
+
+    meta = read_meta(layout.processed_dir(dataset))
+    return input_card(arch, meta["image_size"], meta.get("resize", "squash"))
+
+
 @contextlib.contextmanager
 def stage_output(out_dir: Path) -> Iterator[Path]:
     """Where a stage writes ``out_dir``: atomically replaced on success, in the main process only.

@@ -3,23 +3,34 @@
 The store must outlive ``dvc exp run --temp/--queue``, which runs stages in a temporary copy of the
 repository that is deleted afterwards: relative locations are therefore resolved against ``DVC_ROOT`` (the
 real repository root, which DVC exports to every stage) and experiments get an absolute artifact location.
-``MLFLOW_TRACKING_URI`` in the environment overrides ``params.yaml``.
+On an http(s) tracking server the server's own artifact store is used instead, so that every machine's
+runs send their artifacts there. ``MLFLOW_TRACKING_URI`` in the environment overrides ``params.yaml``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger("medmerge.tracking")
 
 DEFAULT_STORE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+#: the experiment tag the MLflow 3 UI reads to open an experiment on its training runs (not on GenAI traces)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+SERVER_SCHEMES = ("http://", "https://")
+#: the splits a training run reads, as ``mlflow.log_input`` contexts
+TRAINING_SPLITS = {"train": "training", "val": "validation"}
 
 
 def repo_root() -> Path:
@@ -72,16 +83,57 @@ def _store_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
     return FileLock(str(database) + ".lock", timeout=300)
 
 
+def experiment_artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: the server's default store (None) for an http(s)
+    tracking server, else ``<repo>/mlartifacts`` as an absolute URI."""
+    return None if tracking_uri.startswith(SERVER_SCHEMES) else artifact_location()
+
+
 def ensure_experiment(name: str, tracking_uri: str) -> str:
-    """Initialise the store and create the experiment (absolute artifact location) unless it exists."""
+    """Initialise the store and create the experiment unless it exists; either way it is marked as a
+    model-training experiment (:data:`EXPERIMENT_KIND_TAG`)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     with _store_lock(tracking_uri):
         experiment = mlflow.get_experiment_by_name(name)  # creates the tables of a new SQLite store
-        if experiment is not None:
-            return experiment.experiment_id
-        return mlflow.create_experiment(name, artifact_location=artifact_location())
+        if experiment is None:
+            return mlflow.create_experiment(name, artifact_location=experiment_artifact_location(tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag existed
+            mlflow.MlflowClient(tracking_uri).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                                                 EXPERIMENT_KIND)
+        return experiment.experiment_id
+
+
+def dataset_digest(prepared_dir: Path, split: str) -> str:
+    """A digest of one split of a prepared dataset: ``meta.json``'s ``digest`` if it records one, else the
+    sha256 of ``meta.json`` and the split's arrays (first 16 hex digits, as MLflow shows digests short)."""
+    from medmerge.data.prepare import META_FILE, read_meta
+    from medmerge.models import sha256_file
+
+    meta = read_meta(prepared_dir)
+    if isinstance(meta.get("digest"), str):
+        return meta["digest"]
+    files = [META_FILE, f"{split}_images.npy", f"{split}_labels.npy"]
+    joined = "".join(sha256_file(Path(prepared_dir) / name) for name in files)
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def prepared_dataset(prepared_dir: Path, name: str, split: str) -> Any:
+    """An ``mlflow.data`` dataset (metadata only: name, digest, source path, image schema) for one split."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+
+    from medmerge.data.prepare import read_meta
+
+    size = int(read_meta(prepared_dir)["image_size"])
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "image")])
+    with warnings.catch_warnings():  # MLflow registers its local-path source twice, then warns it is ambiguous
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(prepared_dir))
+    return MetaDataset(source, name=f"{name}/{split}", digest=dataset_digest(prepared_dir, split), schema=schema)
 
 
 def _param_value(value: Any) -> str:
@@ -120,6 +172,11 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._mlflow.set_tags(dict(tags))
 
+    def log_dataset(self, prepared_dir: Path, name: str, splits: Mapping[str, str]) -> None:
+        """``mlflow.log_input`` of a prepared dataset's splits, ``{split: context}`` (e.g. train: training)."""
+        for split, context in splits.items():
+            self._mlflow.log_input(prepared_dataset(Path(prepared_dir), name, split), context=context)
+
     @contextlib.contextmanager
     def child(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
         """A nested run under this one (the MLflow UI shows it below its parent), with the parent's tags."""
@@ -148,6 +205,9 @@ class NullRun:
         pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_dataset(self, prepared_dir: Path, name: str, splits: Mapping[str, str]) -> None:
         pass
 
     @contextlib.contextmanager

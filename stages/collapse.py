@@ -25,6 +25,7 @@ from medmerge.pipeline import (
 from medmerge.predictions import write_predictions
 from medmerge.stage import (
     add_seed_argument,
+    model_input,
     run,
     seed_everything,
     stage_dataset,
@@ -66,7 +67,8 @@ def main() -> None:
     card = {"arch": info["arch"], "num_classes": info["num_classes"], "classes": info["classes"],
             "task": params.data.target, "stage": "collapse", "method": args.method,
             "merge_method": settings.method, "sources": info["sources"], "seed": seed,
-            "align": info["align"], "bn_recalibrated": settings.bn_recalibration}
+            "align": info["align"], "bn_recalibrated": settings.bn_recalibration,
+            "input": model_input(info["arch"], params.data.target)}
     with stage_output(layout.merge_dir(layout.MERGED, args.method, seed)) as out:
         save_model_dir(out, model_state_cpu(model), card)
         write_predictions(out / layout.PREDICTIONS, split_predictions(model, info["arch"], data, runtime),

@@ -26,10 +26,12 @@ import pandas as pd
 from medmerge import layout
 from medmerge.compare import paired_difference, resample_weights
 from medmerge.config import Params
+from medmerge.data.prepare import load_split
 from medmerge.io import atomic_directory, write_json
 from medmerge.metrics import CONFUSION_METRICS, confusion_matrix, reported_metrics, scalar_metrics
 from medmerge.plots import plot_comparison, plot_confusion, plot_differences, plot_layerwise
 from medmerge.predictions import SplitPredictions, class_names, read_predictions
+from medmerge.registry import best_model, register_best_model
 from medmerge.report import (
     HEADERS,
     comparison_markdown,
@@ -193,6 +195,14 @@ def main() -> None:
                                        f"{settings.metric}_ci_high": row["t_high"],
                                        f"{settings.metric}_boot_low": row["boot_low"],
                                        f"{settings.metric}_boot_high": row["boot_high"]})
+        target_dir = layout.processed_dir(params.data.target)
+        tracker.log_dataset(target_dir, params.data.target, {"test": "testing"})
+        if params.mlflow.registered_model:  # the merged model that beats the reference, else the best validated
+            merges = [name for name in params.methods if metrics[name]["verdict"] == "better"] or list(params.methods)
+            best, seed = best_model(per_seed, merges, metric=f"val_{settings.metric}")
+            register_best_model(layout.merge_dir(layout.MERGED_FT, best, seed), method=best, seed=seed,
+                                metrics=metrics[best], registered_name=params.mlflow.registered_model,
+                                input_example=load_split(target_dir, "test")[0][:1])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from medmerge.stage import (
     stage_resume,
     stage_runtime,
 )
-from medmerge.tracking import stage_run
+from medmerge.tracking import TRAINING_SPLITS, stage_run
 
 
 def flat_permutations(permutations: dict) -> dict:
@@ -66,6 +66,7 @@ def main() -> None:
     with stage_output(layout.merge_dir(layout.MERGE, args.method, seed)) as out:
         with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
                        run_name=f"{args.method} seed {seed}", tags=tags) as tracker:
+            tracker.log_dataset(layout.processed_dir(params.data.target), params.data.target, TRAINING_SPLITS)
             result = run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed,
                                                   on_epoch=tracker.log_epoch, resume=stage_resume(params)))
             if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them

@@ -24,6 +24,7 @@ from medmerge.predictions import write_predictions
 from medmerge.stage import (
     add_seed_argument,
     maybe_relaunch,
+    model_input,
     run,
     seed_everything,
     stage_dataset,
@@ -32,7 +33,7 @@ from medmerge.stage import (
     stage_resume,
     stage_runtime,
 )
-from medmerge.tracking import stage_run
+from medmerge.tracking import TRAINING_SPLITS, stage_run
 
 log = logging.getLogger("medmerge.stages.train")
 JOBS = ("pretrain", "ft", "lpft", "finetune_merged")
@@ -104,6 +105,7 @@ def main() -> None:
     with stage_output(job.out_dir) as out:
         with stage_run(job.stage, params.mlflow.experiment, flat, params.mlflow.tracking_uri,
                        run_name=job.label, tags=job.tags) as tracker:
+            tracker.log_dataset(layout.processed_dir(job.dataset), job.dataset, TRAINING_SPLITS)
             model, history = train_classifier(
                 params.arch, init_state, data, job.settings, runtime, epochs=job.epochs, seed=args.seed,
                 keep_head=job.keep_head, linear_probe=job.linear_probe, on_epoch=tracker.log_epoch,
@@ -118,7 +120,8 @@ def main() -> None:
         card = {"arch": params.arch, "num_classes": data.num_classes, "classes": data.classes,
                 "task": job.dataset, "stage": job.stage, "init": str(job.init_dir),
                 "init_sha256": init_card.get("sha256"), "epochs": job.epochs, "best_epoch": history.best_epoch,
-                "linear_probe": job.linear_probe, **job.tags, "seed": args.seed}
+                "linear_probe": job.linear_probe, "input": model_input(params.arch, job.dataset), **job.tags,
+                "seed": args.seed}
         save_model_dir(out, model_state_cpu(model), card)
         if job.on_target and distributed.is_main():
             write_predictions(out / layout.PREDICTIONS, split_predictions(model, params.arch, data, runtime),

@@ -311,14 +311,14 @@ def test_model_dir_round_trip_and_tamper(tmp_path, tiny_state):
     save_model_dir(out, state, {"arch": TINY, "num_classes": 1000, "origin": "random"})
     loaded, card = load_model_dir(out)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
-    assert card["sha256"] == sha256_file(out / "weights.safetensors") and card["origin"] == "random"
+    assert card["sha256"] == sha256_file(out / "model.safetensors") and card["origin"] == "random"
     assert card["num_parameters"] == sum(p.numel() for p in timm.create_model(TINY).parameters()) + 9
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no temp dirs left
 
-    raw = bytearray((out / "weights.safetensors").read_bytes())
+    raw = bytearray((out / "model.safetensors").read_bytes())
     raw[-1] ^= 0xFF
-    (out / "weights.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"sha256 mismatch for .*weights\.safetensors"):
+    (out / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"sha256 mismatch for .*model\.safetensors"):
         load_model_dir(out)
 
 
@@ -347,3 +347,38 @@ def test_model_dir_save_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
     state, _ = load_model_dir(out)
     assert torch.equal(state["w"], torch.ones(2))
+
+
+def test_model_dir_loads_through_timm_local_dir_with_its_head_and_preprocessing(tmp_path):
+    """The pretrained layout: timm builds the model from config.json (4-class head) and loads the one
+    weights file strictly; the preprocessing the pipeline trained with is in its pretrained_cfg."""
+    from medmerge.models import input_card
+
+    torch.manual_seed(0)
+    model = create_model(TINY, num_classes=4).eval()
+    classes = ["a", "b", "c", "d"]
+    card = {"arch": TINY, "num_classes": 4, "classes": classes, "stage": "collapse", "method": "medmerge",
+            "seed": 1, "input": input_card(TINY, 48)}
+    out = tmp_path / "exported"
+    save_model_dir(out, model.state_dict(), card)
+    assert sorted(p.name for p in out.iterdir()) == ["card.json", "config.json", "model.safetensors"]
+
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    cfg = loaded.pretrained_cfg
+    assert cfg["num_classes"] == 4 and cfg["label_names"] == classes
+    assert tuple(cfg["input_size"]) == (3, 48, 48) and cfg["crop_mode"] == "squash" and cfg["crop_pct"] == 1.0
+    assert list(cfg["mean"]) == list(data_config(TINY)["mean"]) and list(cfg["std"]) == list(data_config(TINY)["std"])
+    resolved = timm.data.resolve_data_config(model=loaded)
+    assert tuple(resolved["input_size"]) == (3, 48, 48) and resolved["interpolation"] == "box"
+    made = json.loads((out / "config.json").read_text())["medmerge"]
+    assert made["method"] == "medmerge" and made["seed"] == 1 and made["sha256"] == sha256_file(out / "model.safetensors")
+
+
+def test_input_card_rejects_unknown_resize_policy():
+    from medmerge.models import input_card
+
+    with pytest.raises(ValueError, match="unknown resize policy 'stretch'"):
+        input_card(TINY, 32, "stretch")

@@ -174,7 +174,7 @@ def test_collapsed_checkpoints_load_strictly_into_timm(repo) -> None:
             model_dir = root / f"models/{stage}/{method}/seed_1"
             card = json.loads((model_dir / "card.json").read_text())
             model = timm.create_model(card["arch"], num_classes=card["num_classes"])
-            model.load_state_dict(load_file(model_dir / "weights.safetensors"), strict=True)
+            model.load_state_dict(load_file(model_dir / "model.safetensors"), strict=True)
 
 
 def test_mlflow_holds_every_method_with_f1_and_coefficients(repo) -> None:

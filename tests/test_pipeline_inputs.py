@@ -265,7 +265,7 @@ def test_a_source_without_a_task_is_used_as_given(repo) -> None:
     pointer = repo / "models/pretrained/seed_0/c"
     card = json.loads((pointer / "card.json").read_text())
     assert card["as_given"] is True and card["weights_from"] == "models/sources/c"
-    assert not (pointer / "weights.safetensors").exists()
+    assert not (pointer / "model.safetensors").exists()
     source = json.loads((repo / "models/sources/c/card.json").read_text())
     ft = json.loads((repo / "models/ft/seed_0/c/card.json").read_text())
     assert ft["init_sha256"] == source["sha256"]  # the baseline started from the fetched weights

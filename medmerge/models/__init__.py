@@ -9,6 +9,7 @@ from .checkpoint import (
     write_pointer_dir,
 )
 from .efficientnet_lite import remap_lukemelas_to_timm
+from .export import input_card, timm_config
 from .factory import (
     LoadReport,
     StateDictMismatchError,
@@ -35,6 +36,7 @@ __all__ = [
     "data_config",
     "fetch_weights",
     "head_keys",
+    "input_card",
     "load_backbone",
     "load_model_dir",
     "load_state_dict_file",
@@ -43,4 +45,5 @@ __all__ = [
     "save_model_dir",
     "sha256_file",
     "write_pointer_dir",
+    "timm_config",
 ]

@@ -1,7 +1,9 @@
 """Safe checkpoint I/O: untrusted files never execute code; model dirs are safetensors + JSON, written atomically.
 
-A model dir holds ``weights.safetensors`` and ``card.json`` (the caller's card plus ``sha256`` of the
-weights file and ``num_parameters``).
+A model dir is in timm's pretrained layout: ``model.safetensors`` (the one weights file), ``config.json``
+(what ``timm.create_model("local-dir:<dir>", pretrained=True)`` reads, see :mod:`medmerge.models.export`)
+and ``card.json`` (the pipeline's card: the caller's keys plus ``sha256`` of the weights file and
+``num_parameters``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import torch
 from torch import Tensor
 
 from medmerge.io import atomic_directory
+from medmerge.models.export import CONFIG_FILE, timm_config
 
 __all__ = [
     "CALLER_CARD_KEYS",
     "CARD_FILE",
+    "CONFIG_FILE",
     "REQUIRED_CARD_KEYS",
     "STATE_DICT_LOADERS",
     "WEIGHTS_FILE",
@@ -35,7 +39,7 @@ __all__ = [
     "unwrap_state_dict",
 ]
 
-WEIGHTS_FILE = "weights.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # the name timm's local-dir and Hugging Face Hub loaders look for
 CARD_FILE = "card.json"
 #: keys the caller's card must hold (``sha256`` and ``num_parameters`` are added on save)
 CALLER_CARD_KEYS = ("arch", "num_classes")
@@ -165,19 +169,27 @@ def _plain_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def _write_dir(tmp: Path, state: Mapping[str, Tensor], card: Mapping[str, Any]) -> None:
-    weights = tmp / WEIGHTS_FILE
-    safetensors.torch.save_file(_plain_tensors(state), str(weights))
-    full_card = {**card, "sha256": sha256_file(weights), "num_parameters": count_parameters(state)}
-    with open(tmp / CARD_FILE, "w", encoding="utf-8") as f:
-        json.dump(full_card, f, indent=2)
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
 
 
+def _write_dir(tmp: Path, state: Mapping[str, Tensor], card: Mapping[str, Any]) -> None:
+    weights = tmp / WEIGHTS_FILE
+    safetensors.torch.save_file(_plain_tensors(state), str(weights))
+    full_card = {**card, "sha256": sha256_file(weights), "num_parameters": count_parameters(state)}
+    _write_json(tmp / CARD_FILE, full_card)
+    _write_json(tmp / CONFIG_FILE, timm_config(full_card))
+
+
 def save_model_dir(out_dir: str | os.PathLike[str], state: Mapping[str, Tensor], card: Mapping[str, Any]) -> None:
-    """Write ``weights.safetensors`` + ``card.json`` to ``out_dir`` atomically.
+    """Write ``model.safetensors`` + ``card.json`` + ``config.json`` to ``out_dir`` atomically.
+
+    ``card`` must hold ``arch`` and ``num_classes``; ``classes`` (label names) and ``input`` (the
+    preprocessing, :func:`medmerge.models.export.input_card`) go into ``config.json`` in timm's terms.
 
     Everything is written to a sibling temp dir ``.{name}.tmp-*`` first; the old dir (if any) is moved
     aside, the new one renamed into place, then the old one deleted. A failure leaves the old dir intact.
