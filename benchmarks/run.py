@@ -114,11 +114,19 @@ def part_a(args, runtime: Runtime) -> tuple[list[dict], list[dict]]:
     for arch in args.arch:
         r = measure(arch, args.size, args.batch, args.repeats, runtime, args.sources)
         raw.append(r)
+        config = runtime_label(runtime, args.size, args.batch)
         rows.append(row(
-            "a", f"step time, kernel-weight ÷ fine-tune, {arch}", runtime_label(runtime, args.size, args.batch),
+            "a", f"step time, kernel-weight ÷ fine-tune, {arch}", config,
             f"{r['kernel_weights_s'] * 1e3:.1f} ms ÷ {r['finetune_s'] * 1e3:.1f} ms", r["ratio"],
         ))
-        print(f"(a) {arch}: {r['ratio']:.3f}", file=sys.stderr, flush=True)
+        for what, label in (("operators", "operators"), ("leaf_operators", "leaf operators"),
+                            ("kernel_launches", "CUDA kernel launches")):
+            finetune, kernel = r[f"finetune_{what}"], r[f"kernel_weights_{what}"]
+            if finetune:
+                rows.append(row("a", f"{label} per step (torch.profiler), kernel-weight ÷ fine-tune, {arch}", config,
+                                f"{kernel:,.0f} ÷ {finetune:,.0f}", kernel / finetune))
+        print(f"(a) {arch}: {r['ratio']:.3f}; operators {r['kernel_weights_operators']:.0f} vs "
+              f"{r['finetune_operators']:.0f}", file=sys.stderr, flush=True)
     return rows, raw
 
 
@@ -391,7 +399,7 @@ def phase_times(arch: str, args, runtime: Runtime) -> dict:
     def kernel_step() -> dict:
         t0 = clock()
         with runtime.autocast():
-            weights = kw.merged_parameters()
+            weights = kw.merged_parameters(reuse_buffers=True)  # as its forward does
             t1 = clock()
             loss = nn.functional.cross_entropy(functional_call(kw.skeleton, weights, (x,), strict=False).float(), y)
         t2 = clock()
@@ -406,7 +414,7 @@ def phase_times(arch: str, args, runtime: Runtime) -> dict:
     def blend_only() -> dict:
         t0 = clock()
         with runtime.autocast():
-            weights = kw.merged_parameters()
+            weights = kw.merged_parameters(reuse_buffers=True)
         t1 = clock()
         torch.autograd.backward(list(weights.values()), cotangents)
         t2 = clock()
@@ -414,29 +422,6 @@ def phase_times(arch: str, args, runtime: Runtime) -> dict:
         return {"blend forward": t1 - t0, "blend backward": t2 - t1}
 
     probes = {"finetune": finetune_step, "kernel_weights": kernel_step, "blend_only": blend_only}
-    if args.sources == 2:
-        # The same blend as one fused op per tensor: W = W_1 + w_0 * (W_0 - W_1) (w_1 = 1 - w_0 for two
-        # sources), with the difference of the frozen sources computed once. Not what KernelMerge does: it
-        # measures what fusing would save (README "Profile").
-        with torch.no_grad():
-            safe = [key.replace(".", "__") for key in kw.merged_keys]  # KernelMerge's names for source tensors
-            first, second = [kw.sources[0][k] for k in safe], [kw.sources[1][k] for k in safe]
-            differences = [a - b for a, b in zip(first, second, strict=True)]
-        groups = [kw.group_of[key] for key in kw.merged_keys]
-
-        def fused_blend() -> dict:
-            t0 = clock()
-            with runtime.autocast():
-                weights = kw.group_weights()
-                merged = [torch.addcmul(b, weights[g][0], d) for b, d, g in zip(second, differences, groups,
-                                                                                 strict=True)]
-            t1 = clock()
-            torch.autograd.backward(merged, cotangents)
-            t2 = clock()
-            kw_opt.zero_grad(set_to_none=True)
-            return {"blend forward": t1 - t0, "blend backward": t2 - t1}
-
-        probes["fused_blend"] = fused_blend
     for probe in probes.values():
         probe(), probe()
     samples: dict[str, list[dict]] = {name: [] for name in probes}
@@ -450,8 +435,7 @@ def phase_times(arch: str, args, runtime: Runtime) -> dict:
     kernel["backward (network)"] = kernel.pop("backward (all)") - blend_backward
     finetune = dict(med["finetune"])
     finetune["backward (network)"] = finetune.pop("backward (all)")
-    fused = med.get("fused_blend")
-    return {"finetune": finetune, "kernel_weights": kernel, "fused_blend": fused,
+    return {"finetune": finetune, "kernel_weights": kernel,
             "coefficients": sum(p.numel() for p in kw.learnable_groups()["coefficients"]),
             "blended_values": sum(c.numel() for c in cotangents),
             "finetune_parameters": sum(p.numel() for p in ft_params)}
@@ -504,14 +488,6 @@ def profile_markdown(arch: str, phases: dict, ops: dict) -> str:
         totals[1] += kw
         lines.append(f"| {name} | {ft:.1f} | {kw:.1f} | {kw - ft:+.1f} |")
     lines.append(f"| **sum** | **{totals[0]:.1f}** | **{totals[1]:.1f}** | **{totals[1] - totals[0]:+.1f}** |")
-    fused = phases.get("fused_blend")
-    if fused:
-        blend = phases["kernel_weights"]["blend forward"] + phases["kernel_weights"]["backward (blend → coefficients)"]
-        fused_total = fused["blend forward"] + fused["blend backward"]
-        lines += ["", f"Blend as one fused op per tensor (`addcmul` on the precomputed source difference): "
-                  f"forward {fused['blend forward']:.1f} ms, backward {fused['blend backward']:.1f} ms, "
-                  f"{fused_total:.1f} ms instead of {blend:.1f} ms: step ratio "
-                  f"{totals[1] / totals[0]:.2f} → {(totals[1] - blend + fused_total) / totals[0]:.2f}."]
     for variant, label in (("finetune", "fine-tune"), ("kernel_weights", "kernel-weight")):
         v = ops[variant]
         lines += ["", f"#### {arch}: top operators of one {label} step by {v['clock']} "
