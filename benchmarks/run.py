@@ -49,7 +49,7 @@ from torch.func import functional_call
 
 from medmerge.config import MergeSettings
 from medmerge.data import generate_synthetic, load_npz, load_split, prepare_dataset, save_npz_atomic
-from medmerge.data.loader import ArrayBatches
+from medmerge.data.loader import ArrayBatches, place_on_device
 from medmerge.device import Runtime, resolve_runtime
 from medmerge.models import create_model
 from medmerge.pipeline import build_kernel_merge, make_transform
@@ -149,6 +149,8 @@ def part_b(args, runtime: Runtime) -> tuple[list[dict], dict]:
         print(f"(b) prepared {len(images)} images at {args.size} px in {time.perf_counter() - start:.1f} s",
               file=sys.stderr, flush=True)
         batches = ArrayBatches(images, labels, batch_size=args.batch, shuffle=True, seed=0, drop_last=True)
+        batches = place_on_device([batches], runtime.device, args.device_cache_fraction)[0]  # as the stages do
+        where = "held on the device" if batches.device_images is not None else "memory-mapped"
         transform = make_transform(arch, runtime)
         model, params = build_variant(arch, "finetune", runtime, args.sources)
         step = make_step(model, params, runtime)
@@ -184,10 +186,10 @@ def part_b(args, runtime: Runtime) -> tuple[list[dict], dict]:
     ratio = loader_ips / train_ips
     print(f"(b) {arch}: loader {loader_ips:,.0f} img/s, training {train_ips:,.0f} img/s, ratio {ratio:.1f}",
           file=sys.stderr, flush=True)
-    raw = {"arch": arch, "images": args.loader_images, "batches_per_epoch": len(batches),
+    raw = {"arch": arch, "images": args.loader_images, "batches_per_epoch": len(batches), "where": where,
            "loader_images_per_s": loader_ips, "train_images_per_s": train_ips, "ratio": ratio}
     measured = f"{loader_ips:,.0f} ÷ {train_ips:,.0f} img/s"
-    config = f"{runtime_label(runtime, args.size, args.batch)}; {args.loader_images} images, memory-mapped"
+    config = f"{runtime_label(runtime, args.size, args.batch)}; {args.loader_images} images, {where}"
     return [row("b", f"loader ÷ training throughput (fine-tune step), {arch}", config, measured, ratio)], raw
 
 
@@ -537,6 +539,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", default="auto", help="auto | on | off")
     parser.add_argument("--loader-arch", default="tf_efficientnet_lite0", help="(b): the model the loader feeds")
     parser.add_argument("--loader-images", type=int, default=2000, help="(b): images in the prepared split")
+    parser.add_argument("--device-cache-fraction", type=float, default=0.5,
+                        help="(b): hold the split on a GPU if it fits in this fraction of its free memory "
+                             "(data.device_cache_fraction; 0: never)")
     parser.add_argument("--memory-repeats", type=int, default=3, help="(c): measurements per variant")
     parser.add_argument("--memory-steps", type=int, default=3, help="(c): training steps per measurement")
     parser.add_argument("--stages", action="store_true", help="add (d): a full `dvc repro` in a temporary copy")

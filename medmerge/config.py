@@ -50,6 +50,8 @@ class DataSettings(_Section):
     seed: int = 0
     loader_workers: int = Field(0, ge=0, le=64)  # background threads gathering batches
     pin_memory: Literal["auto", "on", "off"] = "auto"  # auto: on when training on a GPU
+    # a GPU holds a prepared split (uint8) when all held fit in this fraction of its free memory; 0: never
+    device_cache_fraction: float = Field(0.5, ge=0.0, le=1.0)
     target: str
     datasets: dict[str, DatasetSettings]
 

@@ -119,14 +119,18 @@ def maybe_relaunch(params: Params, module: str, argv: Sequence[str]) -> None:
 def stage_dataset(params: Params, dataset: str, batch_size: int, runtime: Runtime, seed: int | None = None
                   ) -> TargetData:
     """A prepared dataset's splits, batched with the loader settings of ``params.data``; the training split
-    is shuffled with ``seed`` (default ``data.seed``)."""
+    is shuffled with ``seed`` (default ``data.seed``). On a GPU the splits that fit in
+    ``data.device_cache_fraction`` of its free memory are held there."""
     from medmerge import layout
     from medmerge.pipeline import open_dataset
 
-    pin = params.data.pin_memory == "on" or (params.data.pin_memory == "auto" and runtime.device.type == "cuda")
+    on_gpu = runtime.device.type == "cuda"
+    pin = params.data.pin_memory == "on" or (params.data.pin_memory == "auto" and on_gpu)
+    # a split that does not fit on the GPU is gathered by prefetch threads into pinned memory
+    workers = params.data.loader_workers or (2 if on_gpu else 0)
     return open_dataset(layout.processed_dir(dataset), batch_size, params.evaluate.batch_size,
-                        params.data.seed if seed is None else seed, workers=params.data.loader_workers,
-                        pin_memory=pin)
+                        params.data.seed if seed is None else seed, workers=workers, pin_memory=pin,
+                        device=runtime.device, device_cache_fraction=params.data.device_cache_fraction)
 
 
 @contextlib.contextmanager
