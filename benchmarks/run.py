@@ -119,6 +119,11 @@ def part_a(args, runtime: Runtime) -> tuple[list[dict], list[dict]]:
             "a", f"step time, kernel-weight ÷ fine-tune, {arch}", config,
             f"{r['kernel_weights_s'] * 1e3:.1f} ms ÷ {r['finetune_s'] * 1e3:.1f} ms", r["ratio"],
         ))
+        if runtime.device.type == "cpu":
+            rows.append(row(
+                "a", f"CPU time per step, kernel-weight ÷ fine-tune, {arch}", config,
+                f"{r['kernel_weights_cpu_s'] * 1e3:.1f} ms ÷ {r['finetune_cpu_s'] * 1e3:.1f} ms", r["cpu_ratio"],
+            ))
         for what, label in (("operators", "operators"), ("leaf_operators", "leaf operators"),
                             ("kernel_launches", "CUDA kernel launches")):
             finetune, kernel = r[f"finetune_{what}"], r[f"kernel_weights_{what}"]

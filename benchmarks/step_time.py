@@ -86,23 +86,30 @@ def measure(arch: str, size: int, batch: int, repeats: int, runtime, num_sources
     x = torch.randn(batch, 3, size, size, device=runtime.device).contiguous(memory_format=memory_format)
     y = torch.randint(0, classes, (batch,), device=runtime.device)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():  # warm-up
         for _ in range(2):
             step(x, y)
     sync(runtime)
     for _ in range(repeats):
         for name, step in steps.items():  # alternate so drift hits both equally
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step(x, y)
             sync(runtime)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
     medians = {name: statistics.median(values) for name, values in times.items()}
+    cpu = {name: statistics.median(values) for name, values in cpu_times.items()}
     coefficients = sum(p.numel() for p in groups["coefficients"])
     counts = {name: operator_counts(step, x, y, runtime) for name, step in steps.items()}
     return {"arch": arch, "size": size, "batch": batch, "coefficients": coefficients,
             "finetune_s": medians["finetune"], "kernel_weights_s": medians["kernel_weights"],
             "ratio": medians["kernel_weights"] / medians["finetune"],
-            "times_s": times,
+            # CPU time of this process per step (all its threads): less sensitive than wall time to other
+            # jobs on a shared machine, blind to time spent waiting for a GPU
+            "finetune_cpu_s": cpu["finetune"], "kernel_weights_cpu_s": cpu["kernel_weights"],
+            "cpu_ratio": cpu["kernel_weights"] / cpu["finetune"],
+            "times_s": times, "cpu_times_s": cpu_times,
             **{f"{name}_{what}": value for name, c in counts.items() for what, value in c.items()}}
 
 

@@ -127,3 +127,23 @@ def test_the_skeleton_keeps_only_its_head_and_two_frozen_sources_are_a_base_and_
         safe = key.replace(".", "__")
         assert torch.equal(anchor[safe], states[0][key])
         torch.testing.assert_close(other[safe], states[1][key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["kernel", "slice"])
+def test_a_channels_last_merge_saves_its_trained_sources_for_a_merge_without_it(granularity: str) -> None:
+    """Flat vectors are saved in one canonical order, whatever layout the merge that learned them used."""
+    from medmerge.pipeline import merge_state_to_save, restore_merge_state
+
+    learned, _ = build("test_efficientnet", 2, granularity, [False, True])
+    learned.use_channels_last()
+    optimizer = torch.optim.SGD([p for group in learned.learnable_groups().values() for p in group], lr=0.1)
+    learned.train()(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    optimizer.step()
+    rebuilt, _ = build("test_efficientnet", 2, granularity, [False, True])
+    restore_merge_state(rebuilt, merge_state_to_save(learned))
+    expected, actual = learned.collapsed_state_dict(), rebuilt.collapsed_state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    fresh, _ = build("test_efficientnet", 2, granularity, [False, True])
+    assert any(not torch.equal(rebuilt.sources[1][k], fresh.sources[1][k]) for k in fresh.sources[1])  # it learned

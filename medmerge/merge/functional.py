@@ -93,13 +93,33 @@ class SourceStore(nn.Module):
     trainable. Indexing gives a source's tensors by safe name (:class:`SourceTensors`).
     """
 
-    def __init__(self, layout: FlatLayout, sources: Sequence[dict[str, Tensor]], trainable: Sequence[bool]) -> None:
+    def __init__(self, layout: FlatLayout, sources: Sequence[dict[str, Tensor]], trainable: Sequence[bool],
+                 canonical: FlatLayout | None = None) -> None:
         super().__init__()
         self.layout = layout
+        self.canonical = canonical or layout  # the order a state dict holds (without channels_last)
         self.keys = {_safe(key): key for key in layout.group_of}  # network order
         self.count = len(sources)
         self.uses_difference = len(sources) == 2 and not any(trainable)
         self.pack(sources, trainable)
+        self.register_state_dict_post_hook(SourceStore._to_canonical)
+        self.register_load_state_dict_pre_hook(SourceStore._from_canonical)
+
+    def _relayout(self, state: dict[str, Tensor], prefix: str, source: FlatLayout, target: FlatLayout) -> None:
+        if source is target:
+            return
+        for name, _ in self.named_parameters():
+            if prefix + name in state:
+                state[prefix + name] = target.pack(source.views(state[prefix + name]))
+
+    @staticmethod
+    def _to_canonical(module: SourceStore, state: dict, prefix: str, *_) -> None:
+        """Saved flat vectors are in the canonical order, so a merge without channels_last loads them."""
+        module._relayout(state, prefix, module.layout, module.canonical)
+
+    @staticmethod
+    def _from_canonical(module: SourceStore, state: dict, prefix: str, *_) -> None:
+        module._relayout(state, prefix, module.canonical, module.layout)
 
     def pack(self, sources: Sequence[dict[str, Tensor]], trainable: Sequence[bool]) -> None:
         flats = [self.layout.pack(state) for state in sources]
@@ -245,8 +265,9 @@ class KernelMerge(nn.Module):
             return
         states = [{k: v.detach().clone() for k, v in state.items()} for state in self.sources.state_dicts()]
         device = self.coefficient_logits.device
+        canonical = self.layout
         self.layout = FlatLayout(self.merged_keys, self._shapes, GRANULARITIES[self.granularity], channels_last=True)
-        store = SourceStore(self.layout, states, self._trainable)
+        store = SourceStore(self.layout, states, self._trainable, canonical)
         self.sources = store.to(device)
         self._buffers_between_steps.clear()
 
