@@ -49,7 +49,7 @@ from torch.func import functional_call
 
 from medmerge.config import MergeSettings
 from medmerge.data import generate_synthetic, load_npz, load_split, prepare_dataset, save_npz_atomic
-from medmerge.data.loader import ArrayBatches
+from medmerge.data.loader import ArrayBatches, place_on_device
 from medmerge.device import Runtime, resolve_runtime
 from medmerge.models import create_model
 from medmerge.pipeline import build_kernel_merge, make_transform
@@ -114,11 +114,24 @@ def part_a(args, runtime: Runtime) -> tuple[list[dict], list[dict]]:
     for arch in args.arch:
         r = measure(arch, args.size, args.batch, args.repeats, runtime, args.sources)
         raw.append(r)
+        config = runtime_label(runtime, args.size, args.batch)
         rows.append(row(
-            "a", f"step time, kernel-weight ÷ fine-tune, {arch}", runtime_label(runtime, args.size, args.batch),
+            "a", f"step time, kernel-weight ÷ fine-tune, {arch}", config,
             f"{r['kernel_weights_s'] * 1e3:.1f} ms ÷ {r['finetune_s'] * 1e3:.1f} ms", r["ratio"],
         ))
-        print(f"(a) {arch}: {r['ratio']:.3f}", file=sys.stderr, flush=True)
+        if runtime.device.type == "cpu":
+            rows.append(row(
+                "a", f"CPU time per step, kernel-weight ÷ fine-tune, {arch}", config,
+                f"{r['kernel_weights_cpu_s'] * 1e3:.1f} ms ÷ {r['finetune_cpu_s'] * 1e3:.1f} ms", r["cpu_ratio"],
+            ))
+        for what, label in (("operators", "operators"), ("leaf_operators", "leaf operators"),
+                            ("kernel_launches", "CUDA kernel launches")):
+            finetune, kernel = r[f"finetune_{what}"], r[f"kernel_weights_{what}"]
+            if finetune:
+                rows.append(row("a", f"{label} per step (torch.profiler), kernel-weight ÷ fine-tune, {arch}", config,
+                                f"{kernel:,.0f} ÷ {finetune:,.0f}", kernel / finetune))
+        print(f"(a) {arch}: {r['ratio']:.3f}; operators {r['kernel_weights_operators']:.0f} vs "
+              f"{r['finetune_operators']:.0f}", file=sys.stderr, flush=True)
     return rows, raw
 
 
@@ -141,6 +154,8 @@ def part_b(args, runtime: Runtime) -> tuple[list[dict], dict]:
         print(f"(b) prepared {len(images)} images at {args.size} px in {time.perf_counter() - start:.1f} s",
               file=sys.stderr, flush=True)
         batches = ArrayBatches(images, labels, batch_size=args.batch, shuffle=True, seed=0, drop_last=True)
+        batches = place_on_device([batches], runtime.device, args.device_cache_fraction)[0]  # as the stages do
+        where = "held on the device" if batches.device_images is not None else "memory-mapped"
         transform = make_transform(arch, runtime)
         model, params = build_variant(arch, "finetune", runtime, args.sources)
         step = make_step(model, params, runtime)
@@ -176,10 +191,10 @@ def part_b(args, runtime: Runtime) -> tuple[list[dict], dict]:
     ratio = loader_ips / train_ips
     print(f"(b) {arch}: loader {loader_ips:,.0f} img/s, training {train_ips:,.0f} img/s, ratio {ratio:.1f}",
           file=sys.stderr, flush=True)
-    raw = {"arch": arch, "images": args.loader_images, "batches_per_epoch": len(batches),
+    raw = {"arch": arch, "images": args.loader_images, "batches_per_epoch": len(batches), "where": where,
            "loader_images_per_s": loader_ips, "train_images_per_s": train_ips, "ratio": ratio}
     measured = f"{loader_ips:,.0f} ÷ {train_ips:,.0f} img/s"
-    config = f"{runtime_label(runtime, args.size, args.batch)}; {args.loader_images} images, memory-mapped"
+    config = f"{runtime_label(runtime, args.size, args.batch)}; {args.loader_images} images, {where}"
     return [row("b", f"loader ÷ training throughput (fine-tune step), {arch}", config, measured, ratio)], raw
 
 
@@ -391,7 +406,7 @@ def phase_times(arch: str, args, runtime: Runtime) -> dict:
     def kernel_step() -> dict:
         t0 = clock()
         with runtime.autocast():
-            weights = kw.merged_parameters()
+            weights = kw.merged_parameters(reuse_buffers=True)  # as its forward does
             t1 = clock()
             loss = nn.functional.cross_entropy(functional_call(kw.skeleton, weights, (x,), strict=False).float(), y)
         t2 = clock()
@@ -406,7 +421,7 @@ def phase_times(arch: str, args, runtime: Runtime) -> dict:
     def blend_only() -> dict:
         t0 = clock()
         with runtime.autocast():
-            weights = kw.merged_parameters()
+            weights = kw.merged_parameters(reuse_buffers=True)
         t1 = clock()
         torch.autograd.backward(list(weights.values()), cotangents)
         t2 = clock()
@@ -414,29 +429,6 @@ def phase_times(arch: str, args, runtime: Runtime) -> dict:
         return {"blend forward": t1 - t0, "blend backward": t2 - t1}
 
     probes = {"finetune": finetune_step, "kernel_weights": kernel_step, "blend_only": blend_only}
-    if args.sources == 2:
-        # The same blend as one fused op per tensor: W = W_1 + w_0 * (W_0 - W_1) (w_1 = 1 - w_0 for two
-        # sources), with the difference of the frozen sources computed once. Not what KernelMerge does: it
-        # measures what fusing would save (README "Profile").
-        with torch.no_grad():
-            safe = [key.replace(".", "__") for key in kw.merged_keys]  # KernelMerge's names for source tensors
-            first, second = [kw.sources[0][k] for k in safe], [kw.sources[1][k] for k in safe]
-            differences = [a - b for a, b in zip(first, second, strict=True)]
-        groups = [kw.group_of[key] for key in kw.merged_keys]
-
-        def fused_blend() -> dict:
-            t0 = clock()
-            with runtime.autocast():
-                weights = kw.group_weights()
-                merged = [torch.addcmul(b, weights[g][0], d) for b, d, g in zip(second, differences, groups,
-                                                                                 strict=True)]
-            t1 = clock()
-            torch.autograd.backward(merged, cotangents)
-            t2 = clock()
-            kw_opt.zero_grad(set_to_none=True)
-            return {"blend forward": t1 - t0, "blend backward": t2 - t1}
-
-        probes["fused_blend"] = fused_blend
     for probe in probes.values():
         probe(), probe()
     samples: dict[str, list[dict]] = {name: [] for name in probes}
@@ -450,8 +442,7 @@ def phase_times(arch: str, args, runtime: Runtime) -> dict:
     kernel["backward (network)"] = kernel.pop("backward (all)") - blend_backward
     finetune = dict(med["finetune"])
     finetune["backward (network)"] = finetune.pop("backward (all)")
-    fused = med.get("fused_blend")
-    return {"finetune": finetune, "kernel_weights": kernel, "fused_blend": fused,
+    return {"finetune": finetune, "kernel_weights": kernel,
             "coefficients": sum(p.numel() for p in kw.learnable_groups()["coefficients"]),
             "blended_values": sum(c.numel() for c in cotangents),
             "finetune_parameters": sum(p.numel() for p in ft_params)}
@@ -504,14 +495,6 @@ def profile_markdown(arch: str, phases: dict, ops: dict) -> str:
         totals[1] += kw
         lines.append(f"| {name} | {ft:.1f} | {kw:.1f} | {kw - ft:+.1f} |")
     lines.append(f"| **sum** | **{totals[0]:.1f}** | **{totals[1]:.1f}** | **{totals[1] - totals[0]:+.1f}** |")
-    fused = phases.get("fused_blend")
-    if fused:
-        blend = phases["kernel_weights"]["blend forward"] + phases["kernel_weights"]["backward (blend → coefficients)"]
-        fused_total = fused["blend forward"] + fused["blend backward"]
-        lines += ["", f"Blend as one fused op per tensor (`addcmul` on the precomputed source difference): "
-                  f"forward {fused['blend forward']:.1f} ms, backward {fused['blend backward']:.1f} ms, "
-                  f"{fused_total:.1f} ms instead of {blend:.1f} ms: step ratio "
-                  f"{totals[1] / totals[0]:.2f} → {(totals[1] - blend + fused_total) / totals[0]:.2f}."]
     for variant, label in (("finetune", "fine-tune"), ("kernel_weights", "kernel-weight")):
         v = ops[variant]
         lines += ["", f"#### {arch}: top operators of one {label} step by {v['clock']} "
@@ -561,6 +544,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", default="auto", help="auto | on | off")
     parser.add_argument("--loader-arch", default="tf_efficientnet_lite0", help="(b): the model the loader feeds")
     parser.add_argument("--loader-images", type=int, default=2000, help="(b): images in the prepared split")
+    parser.add_argument("--device-cache-fraction", type=float, default=0.5,
+                        help="(b): hold the split on a GPU if it fits in this fraction of its free memory "
+                             "(data.device_cache_fraction; 0: never)")
     parser.add_argument("--memory-repeats", type=int, default=3, help="(c): measurements per variant")
     parser.add_argument("--memory-steps", type=int, default=3, help="(c): training steps per measurement")
     parser.add_argument("--stages", action="store_true", help="add (d): a full `dvc repro` in a temporary copy")

@@ -6,6 +6,7 @@ pipeline before any work is done, with a message that names the file, the key an
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +69,8 @@ class DataSettings(_Section):
     loader_workers: int = Field(0, ge=0, le=64)  # background threads gathering batches
     workers: int = Field(default_factory=_default_workers, ge=1, le=256)  # processes decoding images (prepare)
     pin_memory: Literal["auto", "on", "off"] = "auto"  # auto: on when training on a GPU
+    # a GPU holds a prepared split (uint8) when all held fit in this fraction of its free memory; 0: never
+    device_cache_fraction: float = Field(0.5, ge=0.0, le=1.0)
     target: str
     datasets: dict[str, DatasetSettings]
 
@@ -167,7 +170,18 @@ class DeviceSettings(_Section):
     compile: bool = False
     # > 1: the training stages run as that many DDP processes under torchrun (one per GPU on CUDA, gloo
     # on the CPU); the batch size stays the global batch (docs/multi_gpu.md)
-    processes: int = Field(1, ge=1, le=1024)
+    processes: int = Field(1, ge=1, le=1024)  # per node
+    # > 1: every node runs the stage; torchrun's c10d rendezvous at rdzv_endpoint ("host:port") joins them
+    nodes: int = Field(1, ge=1, le=4096)
+    rdzv_endpoint: str = ""
+    rdzv_id: str = Field("medmerge", pattern=r"^[A-Za-z0-9_.-]+$")  # one per concurrent multi-node run
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> DeviceSettings:
+        if self.nodes > 1 and not re.fullmatch(r"\[?[A-Za-z0-9_.:-]+\]?:[0-9]{1,5}", self.rdzv_endpoint):
+            raise ValueError(f"device.rdzv_endpoint must be 'host:port' (the rendezvous of the {self.nodes} "
+                             f"nodes), got {self.rdzv_endpoint!r}")
+        return self
 
 
 class Params(_Section):

@@ -35,9 +35,13 @@ class Runtime:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` on the device; with ``channels_last`` every 4-D parameter and buffer (conv kernels) in
         that layout. Tensors of other ranks are left as they are: ``Module.to(memory_format=...)`` would
-        refuse a merge's 5-D per-kernel coefficients."""
+        refuse a merge's 5-D per-kernel coefficients. A module that stores kernels its own way (a merge's flat
+        sources) says so with a ``use_channels_last()`` method."""
         model = model.to(self.device)
         if self.channels_last:
+            for module in model.modules():
+                if callable(getattr(module, "use_channels_last", None)):
+                    module.use_channels_last()
             with torch.no_grad():
                 for tensor in [*model.parameters(), *model.buffers()]:
                     if tensor.dim() == 4:

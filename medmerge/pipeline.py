@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from medmerge.config import MergeSettings, TrainSettings
-from medmerge.data.loader import ArrayBatches, DeviceTransform
+from medmerge.data.loader import ArrayBatches, DeviceTransform, place_on_device
 from medmerge.data.prepare import load_split, read_meta
 from medmerge.device import Runtime
 from medmerge.merge.alignment import (
@@ -70,18 +70,26 @@ def open_dataset(
     seed: int = 0,
     workers: int = 0,
     pin_memory: bool = False,
+    device: torch.device | None = None,
+    device_cache_fraction: float = 0.0,
 ) -> TargetData:
-    """Memory-map a prepared dataset; the training split is shuffled every epoch."""
+    """Memory-map a prepared dataset; the training split is shuffled every epoch. With ``device`` the splits
+    that fit in ``device_cache_fraction`` of its free memory are held there (``place_on_device``)."""
     meta = read_meta(prepared_dir)
     splits = {name: load_split(prepared_dir, name) for name in ("train", "val", "test")}
     io = {"workers": workers, "pin_memory": pin_memory}
-    return TargetData(
-        train=ArrayBatches(*splits["train"], batch_size=batch_size, shuffle=True, seed=seed,
-                           drop_last=len(splits["train"][0]) > batch_size, **io),
-        val=ArrayBatches(*splits["val"], batch_size=eval_batch_size, **io),
-        test=ArrayBatches(*splits["test"], batch_size=eval_batch_size, **io),
-        classes=list(meta["classes"]),
-    )
+    batches = [
+        ArrayBatches(*splits["train"], batch_size=batch_size, shuffle=True, seed=seed,
+                     drop_last=len(splits["train"][0]) > batch_size, **io),
+        ArrayBatches(*splits["val"], batch_size=eval_batch_size, **io),
+        ArrayBatches(*splits["test"], batch_size=eval_batch_size, **io),
+    ]
+    if device is not None:
+        batches = place_on_device(batches, device, device_cache_fraction)
+        held = [name for name, b in zip(("train", "val", "test"), batches, strict=True) if b.device_images is not None]
+        if held:
+            log.info("holding the %s split(s) of %s on %s", "/".join(held), prepared_dir.name, device)
+    return TargetData(*batches, classes=list(meta["classes"]))
 
 
 def make_transform(arch: str, runtime: Runtime, seed: int = 0) -> DeviceTransform:
@@ -203,7 +211,7 @@ def learn_kernel_weights(
     transform = make_transform(arch, runtime, seed)
     # The merged weights change every step, so BatchNorm running statistics lag behind them; validate
     # with statistics recomputed on the training split, exactly as collapse will.
-    train_in_order = ArrayBatches(data.train.images, data.train.labels, batch_size=data.val.batch_size)
+    train_in_order = data.train.in_order(data.val.batch_size)
     return fit(
         merge, optimizer, data.train, data.val, transform,
         epochs=settings.epochs, num_classes=data.num_classes, augment=True, keep_best=True,

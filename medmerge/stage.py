@@ -89,27 +89,39 @@ def stage_runtime(params: Params) -> Runtime:
     return dataclasses.replace(runtime, device=distributed.device_for(runtime.device))
 
 
-def torchrun_command(processes: int, module: str, argv: Sequence[str]) -> list[str]:
-    """``python -m torch.distributed.run`` for ``processes`` workers each running ``python -m module argv``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            "-m", module, *argv]
+def torchrun_command(processes: int, module: str, argv: Sequence[str], nodes: int = 1, rdzv_endpoint: str = "",
+                     rdzv_id: str = "medmerge") -> list[str]:
+    """``python -m torch.distributed.run`` for ``processes`` workers (per node) each running ``python -m module
+    argv``. One node: ``--standalone`` (a free local port). Several: torchrun's c10d rendezvous at
+    ``rdzv_endpoint``, which every node's torchrun joins with the same ``rdzv_id``."""
+    if nodes <= 1:
+        launch = ["--standalone", f"--nproc_per_node={processes}"]
+    else:
+        launch = [f"--nnodes={nodes}", f"--nproc_per_node={processes}", "--rdzv-backend=c10d",
+                  f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", module, *argv]
 
 
 def maybe_relaunch(params: Params, module: str, argv: Sequence[str]) -> None:
-    """With ``device.processes > 1``, re-run this stage as ``module`` under torchrun and exit with its code.
+    """With ``device.processes > 1`` or ``device.nodes > 1``, re-run this stage as ``module`` under torchrun and
+    exit with its code.
 
-    Does nothing for one process, or inside a process that torchrun started. ``--standalone`` picks a free
-    port, so concurrent experiments (``dvc queue start -j 2``) do not collide. On the CPU each worker gets
-    ``cores / processes`` threads unless ``OMP_NUM_THREADS`` or ``MEDMERGE_THREADS`` say otherwise.
+    Does nothing for one process on one node, or inside a process that torchrun started. On one node
+    ``--standalone`` picks a free port, so concurrent experiments (``dvc queue start -j 2``) do not collide;
+    several nodes meet at ``device.rdzv_endpoint`` (every node runs the same stage, docs/multi_gpu.md). On the
+    CPU each worker gets ``cores / processes`` threads unless ``OMP_NUM_THREADS`` or ``MEDMERGE_THREADS`` say
+    otherwise.
     """
-    processes = params.device.processes
-    if processes <= 1 or distributed.launched():
+    device = params.device
+    processes, nodes = device.processes, getattr(device, "nodes", 1)
+    if (processes <= 1 and nodes <= 1) or distributed.launched():
         return
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
-    command = torchrun_command(processes, module, argv)
-    log.info("device.processes = %d: %s", processes, " ".join(command))
+    command = torchrun_command(processes, module, argv, nodes, getattr(device, "rdzv_endpoint", ""),
+                               getattr(device, "rdzv_id", "medmerge"))
+    log.info("device.processes = %d, device.nodes = %d: %s", processes, nodes, " ".join(command))
     sys.stdout.flush()
     sys.stderr.flush()
     raise SystemExit(subprocess.call(command, env=env))
@@ -122,14 +134,18 @@ def add_seed_argument(parser: argparse.ArgumentParser) -> None:
 
 def stage_dataset(params: Params, dataset: str, batch_size: int, runtime: Runtime, seed: int) -> TargetData:
     """A prepared dataset's splits, batched with the loader settings of ``params.data``; the training split
-    is shuffled with ``seed``."""
+    is shuffled with ``seed``. On a GPU the splits that fit in ``data.device_cache_fraction`` of its free
+    memory are held there."""
     from medmerge import layout
     from medmerge.pipeline import open_dataset
 
-    pin = params.data.pin_memory == "on" or (params.data.pin_memory == "auto" and runtime.device.type == "cuda")
+    on_gpu = runtime.device.type == "cuda"
+    pin = params.data.pin_memory == "on" or (params.data.pin_memory == "auto" and on_gpu)
+    # a split that does not fit on the GPU is gathered by prefetch threads into pinned memory
+    workers = params.data.loader_workers or (2 if on_gpu else 0)
     return open_dataset(layout.processed_dir(dataset), batch_size, params.evaluate.batch_size,
-                        seed, workers=params.data.loader_workers,
-                        pin_memory=pin)
+                        seed, workers=workers, pin_memory=pin,
+                        device=runtime.device, device_cache_fraction=params.data.device_cache_fraction)
 
 
 def stage_identity() -> str:

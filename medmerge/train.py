@@ -285,7 +285,7 @@ def fit_linear_probe(
     """
     from sklearn.linear_model import LogisticRegression
 
-    in_order = ArrayBatches(train.images, train.labels, batch_size=max(train.batch_size, 64))
+    in_order = train.in_order(max(train.batch_size, 64))
     features, labels = extract_features(model, in_order, transform)
     probe = LogisticRegression(max_iter=2000, class_weight="balanced" if class_weighted else None)
     probe.fit(features, labels)

@@ -2,7 +2,7 @@
 
 A smoke check of the GPU code paths added with the method comparison: bf16 autocast, channels_last,
 features for the probe under autocast, merges on CUDA. Random 4-class data at ``--size`` px. Prints one line
-per step with its wall time. Run on a lent GPU after scripts/device_check.sh (same carried wheels):
+per step with its wall time. scripts/device_check.sh runs it after the benchmark; on its own:
 
     python scripts/gpu_methods_check.py --size 224 --device cuda
 """

@@ -7,7 +7,9 @@ OUT``) this file is also the worker of ``test_two_processes_learn_the_single_pro
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -241,26 +243,75 @@ def _worker(out_dir: str) -> None:
         distributed.cleanup()
 
 
-def test_two_processes_learn_the_single_process_coefficients(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "MEDMERGE_LOG_LEVEL": "WARNING"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(__file__).resolve()), str(tmp_path)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def _worker_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "MEDMERGE_LOG_LEVEL": "WARNING"}
 
-    torch.set_num_threads(1)  # like each worker
+
+@functools.cache
+def _single_process(arch: str, bn_groups: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``learn`` in this process, with one thread like each worker (computed once for both tests)."""
+    torch.set_num_threads(1)
+    return learn(arch, bn_groups=bn_groups)
+
+
+def _assert_learned_the_single_process_coefficients(out_dir: Path) -> None:
+    """The coefficients two processes saved in ``out_dir`` are those of one process (see TOLERANCE)."""
     for arch in ARCHS:
-        initial, single = learn(arch, bn_groups=BN_GROUPS[arch])
-        two = load_file(str(tmp_path / f"{arch}.safetensors"))
+        initial, single = _single_process(arch, BN_GROUPS[arch])
+        two = load_file(str(out_dir / f"{arch}.safetensors"))
         assert single.keys() == two.keys() == initial.keys()
         gap = max(float((single[k] - two[k]).abs().max()) for k in single)
         moved = max(float((two[k] - initial[k]).abs().max()) for k in single)
         assert gap <= TOLERANCE, f"{arch}: one and two processes differ by {gap:.3g}"
         assert moved >= 1000 * TOLERANCE, f"{arch}: coefficients barely moved ({moved:.3g}); the test is void"
         if BN_GROUPS[arch] > 1:  # per-process BatchNorm statistics matter: the reference must model them
-            _, plain = learn(arch)
+            _, plain = _single_process(arch, 1)
             assert max(float((plain[k] - two[k]).abs().max()) for k in plain) > 100 * TOLERANCE
+
+
+def test_two_processes_learn_the_single_process_coefficients(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__).resolve()), str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _assert_learned_the_single_process_coefficients(tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_several_nodes_use_the_c10d_rendezvous() -> None:
+    from medmerge.stage import torchrun_command
+
+    assert torchrun_command(4, "stages.train", ["ft", "a"])[3:6] == ["--standalone", "--nproc_per_node=4", "-m"]
+    command = torchrun_command(4, "stages.train", ["ft", "a"], nodes=3, rdzv_endpoint="node0:29500", rdzv_id="x")
+    assert command[1:] == ["-m", "torch.distributed.run", "--nnodes=3", "--nproc_per_node=4", "--rdzv-backend=c10d",
+                           "--rdzv-endpoint=node0:29500", "--rdzv-id=x", "-m", "stages.train", "ft", "a"]
+    assert DeviceSettings(nodes=2, rdzv_endpoint="10.0.0.1:29500").nodes == 2
+    with pytest.raises(ValueError, match="device.rdzv_endpoint must be 'host:port'"):
+        DeviceSettings(nodes=2)
+
+
+def test_two_nodes_learn_the_single_process_coefficients(tmp_path: Path) -> None:
+    """Two torchrun agents, each a "node" with one gloo process, meet at a c10d rendezvous on 127.0.0.1 (the
+    command ``device.nodes: 2`` builds) and learn what one process learns."""
+    from medmerge.stage import torchrun_command
+
+    command = torchrun_command(1, "tests.test_distributed", [str(tmp_path)], nodes=2,
+                               rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_id=f"test-{os.getpid()}")
+    nodes = [subprocess.Popen(command, cwd=REPO, env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    _assert_learned_the_single_process_coefficients(tmp_path)
 
 
 if __name__ == "__main__":

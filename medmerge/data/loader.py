@@ -2,7 +2,8 @@
 
 The prepared images are small uint8 arrays, so per-sample work in worker processes costs more than it
 saves: a batch is gathered by fancy indexing, moved to the device as uint8 (4x less traffic than float)
-and converted, normalised and flipped there in one go.
+and converted, normalised and flipped there in one go. A split that fits in a fraction of a GPU's free
+memory (:func:`place_on_device`) is copied there once, and its batches are gathered on the GPU.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import copy
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -34,7 +35,9 @@ class ArrayBatches:
 
     ``workers`` background threads gather the next batches while the model trains (gathering from a
     memory map is a copy that releases the GIL, so threads suffice); ``pin_memory`` pins each batch for an
-    asynchronous copy to a GPU. The order of batches does not depend on either.
+    asynchronous copy to a GPU. With ``device_images`` (a copy of ``images`` on a device, see
+    :meth:`on_device`) the images of a batch are gathered there instead, and neither is needed. The order
+    and content of the batches do not depend on any of them; labels always come from ``labels``.
     """
 
     images: np.ndarray
@@ -47,6 +50,7 @@ class ArrayBatches:
     world_size: int = 1
     workers: int = 0
     pin_memory: bool = False
+    device_images: Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels):
@@ -71,6 +75,20 @@ class ArrayBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._epoch = int(state["epoch"])
+
+    def on_device(self, device: torch.device) -> ArrayBatches:
+        """The same batches, with the images held on ``device`` (one copy of the split) and gathered there."""
+        images = torch.from_numpy(np.ascontiguousarray(self.images)).to(device)
+        return replace(self, device_images=images, workers=0, pin_memory=False)
+
+    def in_order(self, batch_size: int) -> ArrayBatches:
+        """Every sample once, unshuffled, in batches of ``batch_size`` (on the same device as these)."""
+        return replace(self, batch_size=batch_size, shuffle=False, drop_last=False, rank=0, world_size=1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the images (what :meth:`on_device` copies)."""
+        return int(self.images.nbytes)
 
     def shard(self, rank: int, world_size: int) -> ArrayBatches:
         """The same data and order, iterated as process ``rank`` of ``world_size``."""
@@ -109,15 +127,18 @@ class ArrayBatches:
         return batches
 
     def _gather(self, index: np.ndarray) -> tuple[Tensor, Tensor]:
-        images = torch.from_numpy(np.ascontiguousarray(self.images[index]))
         labels = torch.from_numpy(np.asarray(self.labels[index], dtype=np.int64))
+        if self.device_images is not None:
+            positions = torch.from_numpy(np.asarray(index, dtype=np.int64)).to(self.device_images.device)
+            return self.device_images.index_select(0, positions), labels
+        images = torch.from_numpy(np.ascontiguousarray(self.images[index]))
         if self.pin_memory:
             images, labels = images.pin_memory(), labels.pin_memory()
         return images, labels
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         indices = self._epoch_indices()
-        if self.workers <= 0:
+        if self.workers <= 0 or self.device_images is not None:
             yield from map(self._gather, indices)
             return
         with ThreadPoolExecutor(self.workers, thread_name_prefix="medmerge-batches") as pool:
@@ -128,6 +149,31 @@ class ArrayBatches:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device; 0 elsewhere (on the CPU the memory map already is the cache)."""
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def place_on_device(
+    splits: Sequence[ArrayBatches], device: torch.device, fraction: float, free_bytes: int | None = None
+) -> list[ArrayBatches]:
+    """Each split held on ``device`` while all held so far fit in ``fraction`` of its free memory, in order.
+
+    ``free_bytes`` defaults to what the device reports (:func:`device_free_bytes`: nothing on the CPU, where
+    splits stay memory-mapped). A split that does not fit stays on the host, as do those after it.
+    """
+    budget = fraction * (device_free_bytes(device) if free_bytes is None else free_bytes)
+    placed, used, fits = [], 0, True
+    for split in splits:
+        fits = fits and budget > 0 and used + split.nbytes <= budget
+        if fits:
+            used += split.nbytes
+        placed.append(split.on_device(device) if fits and split.device_images is None else split)
+    return placed
 
 
 class DeviceTransform:

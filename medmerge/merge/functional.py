@@ -1,15 +1,17 @@
 """The functional merged model: N frozen source weight sets blended by learned coefficients.
 
-``KernelMerge`` holds the source tensors once, the coefficient logits and a *skeleton*: an ordinary timm
-model with the target's head. Its forward computes ``W = sum_i w_i * W_i`` for every backbone parameter
-and runs the skeleton with ``torch.func.functional_call``: no model copy per step, gradients flow to the
-coefficients (and, if asked, to the non-anchor sources). The skeleton's own head is learned directly and
-its BatchNorm buffers track the merged network's statistics during learning.
+``KernelMerge`` holds the source tensors once (flat, :mod:`medmerge.merge.flat`), the coefficient logits
+(one ``(L, G)`` matrix, seen per group through :attr:`KernelMerge.logits`) and a *skeleton*: an ordinary timm
+model with the target's head and no backbone parameters of its own. Its forward computes
+``W = sum_i w_i * W_i`` for every backbone parameter in a few kernels and runs the skeleton with
+``torch.func.functional_call``: no model copy per step, gradients flow to the coefficients (and, if asked,
+to the non-anchor sources). The skeleton's own head is learned directly and its BatchNorm buffers track the
+merged network's statistics during learning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from medmerge.merge.coefficients import GRANULARITIES, Normalizer
+from medmerge.merge.flat import BlendBuffers, BlendPlan, FlatBlend, FlatLayout
 
 
 class SourceMismatchError(ValueError):
@@ -59,11 +62,155 @@ def check_compatible(
             )
 
 
+class SourceTensors(Mapping):
+    """One source's merged tensors by safe name (``conv1__weight``), as views of its flat storage."""
+
+    def __init__(self, store: SourceStore, index: int) -> None:
+        self._store, self._index = store, index
+
+    def _flat(self) -> Tensor:
+        return self._store.flat(self._index)
+
+    def __getitem__(self, safe: str) -> Tensor:
+        return self._store.layout.placement[self._store.keys[safe]].view(self._flat())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._store.keys)
+
+    def __len__(self) -> int:
+        return len(self._store.keys)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The flat parameter(s) this source's tensors live in."""
+        return self._store.parameters_of(self._index)
+
+
+class SourceStore(nn.Module):
+    """The sources' merged tensors, one flat vector each, in a :class:`FlatLayout`.
+
+    Two frozen sources are kept as ``base`` (the first) and ``difference`` (the second minus the first), so the
+    blend is one fused ``base + w * difference``; otherwise every source is its own flat vector, frozen or
+    trainable. Indexing gives a source's tensors by safe name (:class:`SourceTensors`).
+    """
+
+    def __init__(self, layout: FlatLayout, sources: Sequence[dict[str, Tensor]], trainable: Sequence[bool],
+                 canonical: FlatLayout | None = None) -> None:
+        super().__init__()
+        self.layout = layout
+        self.canonical = canonical or layout  # the order a state dict holds (without channels_last)
+        self.keys = {_safe(key): key for key in layout.group_of}  # network order
+        self.count = len(sources)
+        self.uses_difference = len(sources) == 2 and not any(trainable)
+        self.pack(sources, trainable)
+        self.register_state_dict_post_hook(SourceStore._to_canonical)
+        self.register_load_state_dict_pre_hook(SourceStore._from_canonical)
+
+    def _relayout(self, state: dict[str, Tensor], prefix: str, source: FlatLayout, target: FlatLayout) -> None:
+        if source is target:
+            return
+        for name, _ in self.named_parameters():
+            if prefix + name in state:
+                state[prefix + name] = target.pack(source.views(state[prefix + name]))
+
+    @staticmethod
+    def _to_canonical(module: SourceStore, state: dict, prefix: str, *_) -> None:
+        """Saved flat vectors are in the canonical order, so a merge without channels_last loads them."""
+        module._relayout(state, prefix, module.layout, module.canonical)
+
+    @staticmethod
+    def _from_canonical(module: SourceStore, state: dict, prefix: str, *_) -> None:
+        module._relayout(state, prefix, module.canonical, module.layout)
+
+    def pack(self, sources: Sequence[dict[str, Tensor]], trainable: Sequence[bool]) -> None:
+        flats = [self.layout.pack(state) for state in sources]
+        if self.uses_difference:
+            self.base = nn.Parameter(flats[0], requires_grad=False)
+            self.difference = nn.Parameter(flats[1] - flats[0], requires_grad=False)
+        else:
+            self.flats = nn.ParameterList(
+                nn.Parameter(flat, requires_grad=learn) for flat, learn in zip(flats, trainable, strict=True)
+            )
+
+    def flat(self, index: int) -> Tensor:
+        if self.uses_difference:
+            return self.base if index == 0 else self.base + self.difference
+        return self.flats[index]
+
+    def parameters_of(self, index: int) -> list[nn.Parameter]:
+        if self.uses_difference:
+            return [self.base] if index == 0 else [self.base, self.difference]
+        return [self.flats[index]]
+
+    def __getitem__(self, index: int) -> SourceTensors:
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return SourceTensors(self, index % self.count)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[SourceTensors]:
+        return (self[i] for i in range(self.count))
+
+    def state_dicts(self) -> list[dict[str, Tensor]]:
+        """Every source's tensors by parameter name (views)."""
+        return [{key: source[safe] for safe, key in self.keys.items()} for source in self]
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [] if self.uses_difference else [p for p in self.flats if p.requires_grad]
+
+    def blend(self, rows: Tensor, buffers: BlendBuffers | None) -> tuple[Tensor, ...]:
+        """The merged tensors for per-row weights ``rows`` ``(N, R)``, in the layout's order."""
+        if self.uses_difference:
+            plan = BlendPlan(self.layout, self.base, self.difference, buffers)
+            return FlatBlend.apply(plan, rows[1:])
+        return FlatBlend.apply(BlendPlan(self.layout, buffers=buffers), rows, *self.flats)
+
+
+class CoefficientLogits(Mapping):
+    """The coefficient logits per group (safe name -> ``(L, *group shape)``), as views of the one logits
+    matrix. A view's ``.grad`` is the matching part of the matrix's gradient at the time it is looked up."""
+
+    def __init__(self, merge: KernelMerge) -> None:
+        self._merge = merge
+
+    def _matrix(self) -> nn.Parameter:
+        return self._merge.coefficient_logits
+
+    def __getitem__(self, safe: str) -> nn.Parameter:
+        group = self._merge._groups_by_safe[safe]
+        layout, matrix = self._merge.layout, self._matrix()
+        start, size = layout.group_columns[group]
+        shape = (matrix.shape[0], *layout.group_shapes[group])
+        view = nn.Parameter(matrix.detach()[:, start:start + size].view(shape), requires_grad=matrix.requires_grad)
+        if matrix.grad is not None:
+            view.grad = matrix.grad[:, start:start + size].view(shape)
+        return view
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._merge._groups_by_safe)
+
+    def __len__(self) -> int:
+        return len(self._merge._groups_by_safe)
+
+    def requires_grad_(self, requires_grad: bool = True) -> CoefficientLogits:
+        self._matrix().requires_grad_(requires_grad)
+        return self
+
+
+def _drop_parameters(module: nn.Module, keys: Collection[str]) -> None:
+    """Unregister ``keys`` from ``module`` (their values come from ``functional_call``), freeing their memory."""
+    for key in keys:
+        owner, _, name = key.rpartition(".")
+        module.get_submodule(owner)._parameters[name] = None
+
+
 class KernelMerge(nn.Module):
     """Learnable per-kernel blend of N source models of one architecture.
 
     Args:
-        skeleton: a model of the shared architecture whose head is sized for the target task.
+        skeleton: a model of the shared architecture whose head is sized for the target task; its backbone
+            parameters are dropped (the merged ones replace them in every forward).
         sources: the sources' state dicts (heads may be present; they are ignored).
         source_names: one name per source, in the order of ``sources``.
         head_keys: the skeleton's head parameters, learned directly and not merged.
@@ -89,7 +236,6 @@ class KernelMerge(nn.Module):
             raise ValueError(f"unknown merge.granularity '{granularity}'; expected one of {sorted(GRANULARITIES)}")
         if len(sources) != len(source_names) or len(sources) != len(init_weights):
             raise ValueError("sources, source_names and init_weights must have one entry per source")
-        self.skeleton = skeleton
         self.source_names = list(source_names)
         self.granularity = granularity
         self.normalizer = normalizer
@@ -98,35 +244,36 @@ class KernelMerge(nn.Module):
         self.merged_keys = [key for key in reference if key not in head]
         self.head_keys = [key for key in reference if key in head]
         check_compatible(reference, sources, self.source_names, self.merged_keys, known=set(skeleton.state_dict()))
-        for key in self.merged_keys:
-            reference[key].requires_grad_(False)
-
-        trainable = list(trainable_sources or [False] * len(sources))
-        self.sources = nn.ModuleList()
-        for state, learn in zip(sources, trainable, strict=True):
-            holder = nn.ParameterDict(
-                {
-                    _safe(key): nn.Parameter(state[key].detach().clone().float(), requires_grad=learn)
-                    for key in self.merged_keys
-                }
-            )
-            self.sources.append(holder)
-
-        grouping = GRANULARITIES[granularity]
-        self.group_of: dict[str, str] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        for key in self.merged_keys:
-            group, shape = grouping(key, tuple(reference[key].shape))
-            self.group_of[key] = group
-            shapes.setdefault(group, shape)
-        self.logits = nn.ParameterDict(
-            {_safe(group): nn.Parameter(normalizer.init_logits(init_weights, shape)) for group, shape in shapes.items()}
-        )
+        self._shapes = [tuple(reference[key].shape) for key in self.merged_keys]
+        self._dtypes = {key: reference[key].dtype for key in self.merged_keys}  # of the collapsed model
+        self.layout = FlatLayout(self.merged_keys, self._shapes, GRANULARITIES[granularity])
+        self.group_of = self.layout.group_of
+        self._groups_by_safe = {_safe(group): group for group in self.layout.group_columns}
+        self._trainable = list(trainable_sources or [False] * len(sources))
+        self.sources = SourceStore(self.layout, sources, self._trainable)
+        self.coefficient_logits = nn.Parameter(normalizer.init_logits(init_weights, (self.layout.num_columns,)))
+        self.logits = CoefficientLogits(self)
+        self._buffers_between_steps = BlendBuffers()
+        del reference
+        _drop_parameters(skeleton, self.merged_keys)  # no third copy of the backbone
+        self.skeleton = skeleton
         self._init_buffers(sources, init_weights)
 
     def extra_repr(self) -> str:
         """What ``repr`` shows besides the modules (and what a resume fingerprint tells merges apart by)."""
         return f"sources={self.source_names}, granularity={self.granularity!r}, normalization={self.normalizer.name!r}"
+
+    def use_channels_last(self) -> None:
+        """Store 4-D kernels in channels_last order, so the merged kernels come out in that layout."""
+        if self.layout.channels_last:
+            return
+        states = [{k: v.detach().clone() for k, v in state.items()} for state in self.sources.state_dicts()]
+        device = self.coefficient_logits.device
+        canonical = self.layout
+        self.layout = FlatLayout(self.merged_keys, self._shapes, GRANULARITIES[self.granularity], channels_last=True)
+        store = SourceStore(self.layout, states, self._trainable, canonical)
+        self.sources = store.to(device)
+        self._buffers_between_steps.clear()
 
     @torch.no_grad()
     def _init_buffers(self, sources: Sequence[dict[str, Tensor]], init_weights: Tensor) -> None:
@@ -166,31 +313,28 @@ class KernelMerge(nn.Module):
 
     def group_weights(self) -> dict[str, Tensor]:
         """Normalised weights per coefficient group, each of shape ``(N, *group_shape)``."""
-        return {group: self.normalizer.weights(self.logits[_safe(group)]) for group in set(self.group_of.values())}
+        return self.layout.group_views(self.normalizer.weights(self.coefficient_logits))
 
-    def merged_parameters(self) -> dict[str, Tensor]:
-        """``W = sum_i w_i * W_i`` for every backbone parameter, differentiable in the coefficients."""
-        weights = self.group_weights()
-        merged = {}
-        for key in self.merged_keys:
-            w = weights[self.group_of[key]]
-            safe = _safe(key)
-            total = w[0] * self.sources[0][safe]
-            for index in range(1, len(self.sources)):
-                total = total + w[index] * self.sources[index][safe]
-            merged[key] = total
-        return merged
+    def merged_parameters(self, reuse_buffers: bool = False) -> dict[str, Tensor]:
+        """``W = sum_i w_i * W_i`` for every backbone parameter, differentiable in the coefficients.
+
+        With ``reuse_buffers`` the tensors are views of a buffer that the next call overwrites (the forward's
+        choice: no fresh memory per step); without, they are new tensors.
+        """
+        rows = self.layout.expand(self.normalizer.weights(self.coefficient_logits))
+        merged = self.sources.blend(rows, self._buffers_between_steps if reuse_buffers else None)
+        return dict(zip((p.key for p in self.layout.placements), merged, strict=True))
 
     def forward(self, x: Tensor) -> Tensor:
-        return functional_call(self.skeleton, self.merged_parameters(), (x,), strict=False)
+        return functional_call(self.skeleton, self.merged_parameters(reuse_buffers=True), (x,), strict=False)
 
     def learnable_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameters that learn, by role, so each role can get its own learning rate."""
         head = dict(self.skeleton.named_parameters())
         return {
-            "coefficients": list(self.logits.parameters()),
+            "coefficients": [self.coefficient_logits],
             "head": [head[key] for key in self.head_keys],
-            "sources": [p for holder in self.sources for p in holder.parameters() if p.requires_grad],
+            "sources": self.sources.trainable(),
         }
 
     @torch.no_grad()
@@ -202,7 +346,7 @@ class KernelMerge(nn.Module):
         """
         state = {key: value.detach().clone() for key, value in self.skeleton.state_dict().items()}
         for key, value in self.merged_parameters().items():
-            state[key] = value.detach().to(state[key].dtype).clone()
+            state[key] = value.detach().to(self._dtypes[key]).clone()
         if blend_buffers:
             for key, value in self.blended_buffers().items():
                 state[key] = value.to(device=state[key].device, dtype=state[key].dtype)
