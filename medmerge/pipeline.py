@@ -5,6 +5,7 @@ Nothing here knows about DVC or MLflow: the stage scripts read params, call thes
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from medmerge.data.loader import ArrayBatches, DeviceTransform
 from medmerge.data.prepare import load_split, read_meta
 from medmerge.device import Runtime
 from medmerge.merge.alignment import (
+    PermutationSpec,
     alignment_similarity,
     apply_permutations,
     permutation_spec,
@@ -256,6 +258,14 @@ def validation_f1(model: nn.Module, arch: str, data: TargetData, runtime: Runtim
     return evaluate_loss_f1(model, data.val, make_transform(arch, runtime), data.num_classes)[1]
 
 
+@functools.lru_cache(maxsize=4)
+def alignment_skeleton(arch: str) -> tuple[nn.Module, PermutationSpec]:
+    """A model of ``arch`` (to tell its head from its backbone) and its permutation spec, traced once per
+    process and shared by :func:`align_sources` and :func:`apply_saved_permutations`."""
+    skeleton = create_model(arch, num_classes=2)
+    return skeleton, permutation_spec(skeleton)
+
+
 def align_sources(
     arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str], anchor: str, seed: int = 0
 ) -> tuple[list[dict[str, Tensor]], dict[str, dict[str, Tensor]], dict[str, dict[str, float]]]:
@@ -266,8 +276,7 @@ def align_sources(
     the permutations per source (space -> index tensor) and, per source, the weight similarity to the anchor
     before and after.
     """
-    skeleton = create_model(arch, num_classes=2)
-    spec = permutation_spec(skeleton)
+    skeleton, spec = alignment_skeleton(arch)
     backbones = [backbone_state(state, skeleton) for state in sources]
     reference = backbones[list(source_names).index(anchor)]
     aligned, permutations, report = [], {}, {}
@@ -289,8 +298,7 @@ def apply_saved_permutations(
     arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str], permutations: dict[str, dict]
 ) -> list[dict[str, Tensor]]:
     """Re-apply permutations that :func:`align_sources` found (``collapse`` rebuilds the aligned sources)."""
-    skeleton = create_model(arch, num_classes=2)
-    spec = permutation_spec(skeleton)
+    skeleton, spec = alignment_skeleton(arch)
     return [apply_permutations(spec, permutations[name], backbone_state(state, skeleton))
             if name in permutations else backbone_state(state, skeleton)
             for name, state in zip(source_names, sources, strict=True)]

@@ -13,19 +13,11 @@ from safetensors.torch import load_file
 
 from medmerge import layout
 from medmerge.io import read_json
+from medmerge.merge.alignment import load_permutations
 from medmerge.methods import rebuild_merge
 from medmerge.models import load_model_dir, save_model_dir
 from medmerge.pipeline import apply_saved_permutations, collapse, model_state_cpu, restore_merge_state
 from medmerge.stage import run, seed_everything, stage_dataset, stage_output, stage_params, stage_runtime
-
-
-def nested_permutations(flat: dict) -> dict:
-    """Inverse of ``stages.learn_weights.flat_permutations``: ``<source>/<space>`` -> ``{source: {space: perm}}``."""
-    nested: dict = {}
-    for key, perm in flat.items():
-        source, space = key.split("/", 1)
-        nested.setdefault(source, {})[space] = perm
-    return nested
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,7 +42,7 @@ def main() -> None:
             data = stage_dataset(params, params.data.target, params.evaluate.batch_size, runtime, seed=seed)
             sources = load_sources(tuple(layout.source_dir(info["sources_from"], name, seed) for name in info["sources"]))
             if (merge_dir / "permutations.safetensors").is_file():
-                permutations = nested_permutations(load_file(merge_dir / "permutations.safetensors"))
+                permutations = load_permutations(merge_dir / "permutations.safetensors")
                 sources = apply_saved_permutations(info["arch"], sources, info["sources"], permutations)
             merge = rebuild_merge(info["arch"], sources, info["sources"], info["num_classes"], settings)
             restore_merge_state(merge, load_file(merge_dir / "merge_state.safetensors"))

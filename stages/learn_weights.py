@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from medmerge import distributed, layout
 from medmerge.io import write_json
+from medmerge.merge.alignment import save_permutations
 from medmerge.methods import MergeInputs, run_merge_method
 from medmerge.models import load_model_dir
 from medmerge.pipeline import align_sources, merge_state_to_save
@@ -31,12 +32,6 @@ from medmerge.stage import (
     stage_runtime,
 )
 from medmerge.tracking import stage_run
-
-
-def flat_permutations(permutations: dict) -> dict:
-    """``{source: {space: perm}}`` as safetensors keys ``<source>/<space>``."""
-    return {f"{source}/{space}": perm.contiguous() for source, perms in permutations.items()
-            for space, perm in perms.items()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,7 +78,7 @@ def main() -> None:
                                     "granularity": merge.granularity})
                 save_file(merge_state_to_save(merge), seed_out / "merge_state.safetensors")
                 if permutations:
-                    save_file(flat_permutations(permutations), seed_out / "permutations.safetensors")
+                    save_permutations(permutations, seed_out / "permutations.safetensors")
                 summary.to_csv(seed_out / "layers.csv", index=False)
                 plot_layer_coefficients(summary, names, seed_out / "layers.png",
                                         title=f"{args.method} (seed {seed}): mean coefficient per layer")

@@ -7,7 +7,7 @@ import copy
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from medmerge.merge.alignment import (
@@ -17,8 +17,10 @@ from medmerge.merge.alignment import (
     PermutationSpec,
     alignment_similarity,
     apply_permutations,
+    load_permutations,
     permutation_spec,
     random_permutations,
+    save_permutations,
     weight_matching,
 )
 
@@ -242,18 +244,21 @@ def test_unsupported_ops_are_named(model: nn.Module, named: str) -> None:
     assert named in str(info.value)
 
 
-def test_permutations_round_trip_through_safetensors(tmp_path) -> None:
+def test_permutations_round_trip_through_the_file_pair(tmp_path) -> None:
     model = make("tf_efficientnet_lite0", 0)
     spec = permutation_spec(model)
-    perms = random_perms(spec, 3)
-    path = tmp_path / "perms.safetensors"
-    save_file(perms, str(path))
-    loaded = load_file(str(path))
-    assert loaded.keys() == perms.keys()
-    assert all(loaded[s].dtype == torch.int64 and torch.equal(loaded[s], perms[s]) for s in perms)
+    perms = {"b": random_perms(spec, 3), "c": random_perms(spec, 4)}
+    path = tmp_path / "permutations.safetensors"
+    save_permutations(perms, path)
+    loaded = load_permutations(path)
+    assert loaded.keys() == perms.keys() and all(loaded[n].keys() == perms[n].keys() for n in perms)
+    assert all(loaded[n][s].dtype == torch.int64 and torch.equal(loaded[n][s], perms[n][s]) for n in perms for s in perms[n])
     state = model.state_dict()
-    again = apply_permutations(spec, loaded, state)
-    assert all(torch.equal(t, again[k]) for k, t in apply_permutations(spec, perms, state).items())
+    again = apply_permutations(spec, loaded["b"], state)
+    assert all(torch.equal(t, again[k]) for k, t in apply_permutations(spec, perms["b"], state).items())
+    save_file({"no_source": torch.arange(3)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(AlignmentError, match="bad.safetensors.*'no_source'"):
+        load_permutations(tmp_path / "bad.safetensors")
 
 
 def test_space_counts_and_fixed_axes() -> None:

@@ -30,11 +30,13 @@ import math
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, fx, nn
 
@@ -42,6 +44,8 @@ log = logging.getLogger("medmerge.alignment")
 
 __all__ = [
     "AlignmentError",
+    "load_permutations",
+    "save_permutations",
     "Concat",
     "Local",
     "PermutationSpec",
@@ -1143,3 +1147,24 @@ def alignment_similarity(spec: PermutationSpec, anchor: dict[str, Tensor], other
         a = anchor[key].detach().to("cpu", torch.float64)
         total += float((a * other[key].detach().to("cpu", torch.float64)).sum())
     return total
+
+
+# -------------------------------------------------------------------------------------------------- files
+
+
+def save_permutations(permutations: dict[str, dict[str, Tensor]], path: Path) -> None:
+    """``{source: {space: perm}}`` as one safetensors file with keys ``<source>/<space>``."""
+    flat = {f"{source}/{space}": perm.contiguous() for source, perms in permutations.items()
+            for space, perm in perms.items()}
+    save_file(flat, str(path))
+
+
+def load_permutations(path: Path) -> dict[str, dict[str, Tensor]]:
+    """The inverse of :func:`save_permutations`; loads tensors only (no code runs)."""
+    nested: dict[str, dict[str, Tensor]] = {}
+    for key, perm in load_file(str(path)).items():
+        source, sep, space = key.partition("/")
+        if not sep or perm.dtype != torch.int64 or perm.dim() != 1:
+            raise AlignmentError(f"{path}: '{key}' is not a '<source>/<space>' int64 permutation")
+        nested.setdefault(source, {})[space] = perm
+    return nested
