@@ -47,11 +47,13 @@ def main() -> None:
             merge = rebuild_merge(info["arch"], sources, info["sources"], info["num_classes"], settings)
             restore_merge_state(merge, load_file(merge_dir / "merge_state.safetensors"))
             recalibrate_on = data if settings.bn_recalibration else None
-            model = collapse(merge, info["arch"], info["num_classes"], recalibrate_on, runtime, seed=seed)
+            model = collapse(merge, info["arch"], info["num_classes"], recalibrate_on, runtime, seed=seed,
+                             repair_data=data if settings.repair else None)
             card = {"arch": info["arch"], "num_classes": info["num_classes"], "classes": info["classes"],
                     "task": params.data.target, "stage": "collapse", "method": args.method,
                     "merge_method": settings.method, "sources": info["sources"], "seed": seed,
-                    "align": info["align"], "bn_recalibrated": settings.bn_recalibration}
+                    "align": info["align"], "bn_recalibrated": settings.bn_recalibration,
+                    "repaired": settings.repair}
             save_model_dir(layout.seed_dir(out, seed), model_state_cpu(model), card)
 
 

@@ -428,11 +428,13 @@ def _layer_norm(b: _Builder, node: fx.Node, name: str, m: nn.Module, feature: Fe
 def _register_timm_rules() -> None:
     """Rules for timm modules that are traced as a whole (layers whose forward torch.fx cannot follow)."""
     try:
-        from timm.layers import LayerNorm2d
+        from timm.layers import LayerNorm2d, resample_abs_pos_embed
         from timm.models.vgg import ConvMlp as VggConvMlp
         from timm.models.vision_transformer import Attention
     except ImportError:  # pragma: no cover - timm is a dependency
         return
+
+    op_rule(resample_abs_pos_embed)(_unary)  # a ViT's position table interpolated per channel (dynamic_img_size)
 
     @module_rule(LayerNorm2d)
     def _layer_norm_2d(b: _Builder, node: fx.Node, name: str, m: nn.Module, feature: Feature) -> Feature:
@@ -468,9 +470,6 @@ def _register_timm_rules() -> None:
         if m.qkv.bias is not None:
             b.record(_prefix(qkv, "bias"), 0, qk + qk + v)
         return _linear(b, node, _prefix(name, "proj"), m.proj, Feature(v, feature.axis))
-
-
-_register_timm_rules()
 
 
 # ---------------------------------------------------------------------------------------------- op rules
@@ -625,6 +624,9 @@ def _index(b: _Builder, node: fx.Node, inputs: list[fx.Node]) -> Feature:
         elif not isinstance(i, (int, slice)):
             raise b.fail(node, f"indexing with {type(i).__name__} is not followed")
     return Feature(feature.layout, axis)
+
+
+_register_timm_rules()
 
 
 # ------------------------------------------------------------------------------------------------ tracing
