@@ -1,10 +1,10 @@
 """The effect of alignment and REPAIR on a LayerNorm backbone (ConvNeXt): two independently initialised
-sources trained briefly on the synthetic ``lesions`` task, merged by the plain average (a linear-probe head
+sources trained briefly on a synthetic task (``shapes`` by default), merged by the plain average (a linear-probe head
 on the collapsed model), with and without weight-matching alignment and with and without REPAIR.
 Prints a Markdown table of validation / test accuracy and macro F1. Usage:
 
     python benchmarks/repair_layernorm.py                       # convnext_atto, 32 px, 3 epochs per source
-    python benchmarks/repair_layernorm.py --arch test_convnext --epochs 5
+    python benchmarks/repair_layernorm.py --arch test_convnext --size 64 --epochs 8 --threads 1
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from medmerge.pipeline import (
 from medmerge.train import predict
 
 
-def dataset(size: int, n_train: int) -> TargetData:
-    arrays = generate_synthetic("lesions", n_train, 200, 400, image_size=size, seed=101)
+def dataset(task: str, size: int, n_train: int) -> TargetData:
+    arrays = generate_synthetic(task, n_train, 200, 400, image_size=size, seed=101)
     split = {name: (arrays[f"{name}_images"], arrays[f"{name}_labels"][:, 0].astype(np.int64))
              for name in ("train", "val", "test")}
     return TargetData(train=ArrayBatches(*split["train"], batch_size=32, shuffle=True, seed=0, drop_last=True),
@@ -57,12 +57,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--task", default="shapes", help="a synthetic task (medmerge.data.synthetic)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runtime = Runtime(torch.device("cpu"))
-    data = dataset(args.size, args.n_train)
-    train = TrainSettings(epochs=args.epochs, lr=1e-3, batch_size=32, optimizer="adamw", augment=True)
+    data = dataset(args.task, args.size, args.n_train)
+    train = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=32, optimizer="adamw", augment=True)
     names, sources, rows = ["a", "b"], [], []
     for seed, name in enumerate(names):
         torch.manual_seed(seed)
@@ -81,7 +83,7 @@ def main() -> None:
                              repair_data=data if repair else None)
             rows.append((f"average, align {align}, REPAIR {'on' if repair else 'off'}",
                          scores(model, args.arch, data, runtime)))
-    print(f"\n{args.arch} at {args.size} px, {args.epochs} epochs per source on {args.n_train} images\n")
+    print(f"\n{args.arch} at {args.size} px, {args.epochs} epochs per source on {args.n_train} '{args.task}' images\n")
     print("| model | val accuracy | val macro F1 | test accuracy | test macro F1 |")
     print("|---|---|---|---|---|")
     for label, s in rows:
