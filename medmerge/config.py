@@ -137,6 +137,7 @@ class MergeSettings(_Section):
     init_coefficient: float = Field(0.5, gt=0, lt=1)
     finetune_epochs: int = Field(5, ge=0)
     bn_recalibration: bool = True
+    repair: bool = False  # REPAIR after collapsing: each merged layer's output statistics -> the sources' interpolation
     class_weighted: bool = False
 
     @field_validator("alphas")

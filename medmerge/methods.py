@@ -76,7 +76,7 @@ def fixed_weight_merge(inputs: MergeInputs, weights: Sequence[float]) -> MergeRe
     merge = build_kernel_merge(inputs.arch, inputs.sources, inputs.source_names, data.num_classes, settings,
                                seed=inputs.seed, fixed_weights=weights)
     model = collapse(merge, inputs.arch, data.num_classes, data if settings.bn_recalibration else None,
-                     inputs.runtime, seed=inputs.seed)
+                     inputs.runtime, seed=inputs.seed, repair_data=data if settings.repair else None)
     fit_linear_probe(model, data.train, make_transform(inputs.arch, inputs.runtime, inputs.seed), data.num_classes,
                      settings.class_weighted)
     adopt_head_and_buffers(merge, model.state_dict())

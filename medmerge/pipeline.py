@@ -5,6 +5,8 @@ Nothing here knows about DVC or MLflow: the stage scripts read params, call thes
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from medmerge.data.loader import ArrayBatches, DeviceTransform, place_on_device
 from medmerge.data.prepare import load_split, read_meta
 from medmerge.device import Runtime
 from medmerge.merge.alignment import (
+    PermutationSpec,
     alignment_similarity,
     apply_permutations,
     permutation_spec,
@@ -25,6 +28,7 @@ from medmerge.merge.alignment import (
 )
 from medmerge.merge.coefficients import NORMALIZERS, initial_weights, resolve_normalizer
 from medmerge.merge.functional import KernelMerge
+from medmerge.merge.repair import activation_statistics, interpolated_statistics, repair, repairable_layers
 from medmerge.metrics import classification_metrics
 from medmerge.models import backbone_state, create_model, data_config, head_keys, load_backbone
 from medmerge.predictions import SPLITS, SplitPredictions
@@ -238,21 +242,48 @@ def restore_merge_state(merge: KernelMerge, state: dict[str, Tensor]) -> None:
 
 
 def collapse(
-    merge: KernelMerge, arch: str, num_classes: int, data: TargetData | None, runtime: Runtime, seed: int = 0
+    merge: KernelMerge, arch: str, num_classes: int, data: TargetData | None, runtime: Runtime, seed: int = 0,
+    repair_data: TargetData | None = None,
 ) -> nn.Module:
     """Apply the coefficients once: an ordinary timm model.
 
-    BatchNorm statistics are recalibrated on ``data.train`` if given; without ``data`` they are the sources'
-    statistics blended by the same coefficients as their layer's weights (what a merge without
-    recalibration has).
+    With ``repair_data``, REPAIR (``medmerge.merge.repair``) first gives every merged conv/linear layer with
+    a bias the per-channel output statistics of the sources, interpolated by the layer's coefficients, on
+    ``repair_data.train``. BatchNorm statistics are then recalibrated on ``data.train`` if given; without
+    ``data`` they are the sources' statistics blended by the same coefficients as their layer's weights
+    (what a merge without recalibration has).
     """
     model = create_model(arch, num_classes=num_classes)
     model.load_state_dict(merge.collapsed_state_dict(blend_buffers=data is None), strict=True)
     model = runtime.prepare(model)
+    if repair_data is not None:
+        count = repair_merged(model, merge, repair_data.train, make_transform(arch, runtime, seed))
+        log.info("REPAIR corrected %d layers on %d target training images", count, len(repair_data.train.images))
     if data is not None:
         count = recalibrate_batchnorm(model, data.train, make_transform(arch, runtime, seed))
         log.info("recalibrated %d BatchNorm layers on %d target training images", count, len(data.train.images))
     return model.eval()
+
+
+def repair_merged(model: nn.Module, merge: KernelMerge, batches: ArrayBatches, transform: DeviceTransform) -> int:
+    """REPAIR ``model`` (the collapse of ``merge``): measure each source under the same skeleton, interpolate
+    their statistics with the merge's per-channel weights, fold the correction into ``model``'s layers."""
+    layers = repairable_layers(model, merge.merged_keys)
+    if not layers:
+        return 0
+
+    def inputs():
+        return (transform(images) for images, _ in batches)
+
+    per_source = []
+    probe = copy.deepcopy(model)
+    for index in range(len(merge.sources)):
+        probe.load_state_dict(merge.source_state(index), strict=True)
+        per_source.append(activation_statistics(probe, layers, inputs))
+    del probe
+    weights = merge.group_weights()
+    targets = interpolated_statistics(per_source, lambda name, channels: merge.channel_weights(name, channels, weights))
+    return repair(model, targets, inputs)
 
 
 def test_metrics(model: nn.Module, arch: str, data: TargetData, runtime: Runtime) -> dict:
@@ -276,6 +307,14 @@ def validation_f1(model: nn.Module, arch: str, data: TargetData, runtime: Runtim
     return evaluate_loss_f1(model, data.val, make_transform(arch, runtime), data.num_classes)[1]
 
 
+@functools.lru_cache(maxsize=4)
+def alignment_skeleton(arch: str) -> tuple[nn.Module, PermutationSpec]:
+    """A model of ``arch`` (to tell its head from its backbone) and its permutation spec, traced once per
+    process and shared by :func:`align_sources` and :func:`apply_saved_permutations`."""
+    skeleton = create_model(arch, num_classes=2)
+    return skeleton, permutation_spec(skeleton)
+
+
 def align_sources(
     arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str], anchor: str, seed: int = 0
 ) -> tuple[list[dict[str, Tensor]], dict[str, dict[str, Tensor]], dict[str, dict[str, float]]]:
@@ -286,8 +325,7 @@ def align_sources(
     the permutations per source (space -> index tensor) and, per source, the weight similarity to the anchor
     before and after.
     """
-    skeleton = create_model(arch, num_classes=2)
-    spec = permutation_spec(skeleton)
+    skeleton, spec = alignment_skeleton(arch)
     backbones = [backbone_state(state, skeleton) for state in sources]
     reference = backbones[list(source_names).index(anchor)]
     aligned, permutations, report = [], {}, {}
@@ -309,8 +347,7 @@ def apply_saved_permutations(
     arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str], permutations: dict[str, dict]
 ) -> list[dict[str, Tensor]]:
     """Re-apply permutations that :func:`align_sources` found (``collapse`` rebuilds the aligned sources)."""
-    skeleton = create_model(arch, num_classes=2)
-    spec = permutation_spec(skeleton)
+    skeleton, spec = alignment_skeleton(arch)
     return [apply_permutations(spec, permutations[name], backbone_state(state, skeleton))
             if name in permutations else backbone_state(state, skeleton)
             for name, state in zip(source_names, sources, strict=True)]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from medmerge import layout
 from medmerge.io import read_json
+from medmerge.merge.alignment import load_permutations
 from medmerge.methods import rebuild_merge
 from medmerge.models import load_model_dir, save_model_dir
 from medmerge.pipeline import (
@@ -35,15 +36,6 @@ from medmerge.stage import (
 )
 
 
-def nested_permutations(flat: dict) -> dict:
-    """Inverse of ``stages.learn_weights.flat_permutations``: ``<source>/<space>`` -> ``{source: {space: perm}}``."""
-    nested: dict = {}
-    for key, perm in flat.items():
-        source, space = key.split("/", 1)
-        nested.setdefault(source, {})[space] = perm
-    return nested
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", help="a key of params.yaml methods")
@@ -58,16 +50,17 @@ def main() -> None:
     data = stage_dataset(params, params.data.target, params.evaluate.batch_size, runtime, seed=seed)
     sources = [load_model_dir(layout.source_dir(info["sources_from"], name, seed))[0] for name in info["sources"]]
     if (merge_dir / "permutations.safetensors").is_file():
-        permutations = nested_permutations(load_file(merge_dir / "permutations.safetensors"))
+        permutations = load_permutations(merge_dir / "permutations.safetensors")
         sources = apply_saved_permutations(info["arch"], sources, info["sources"], permutations)
     merge = rebuild_merge(info["arch"], sources, info["sources"], info["num_classes"], settings)
     restore_merge_state(merge, load_file(merge_dir / "merge_state.safetensors"))
     recalibrate_on = data if settings.bn_recalibration else None
-    model = collapse(merge, info["arch"], info["num_classes"], recalibrate_on, runtime, seed=seed)
+    model = collapse(merge, info["arch"], info["num_classes"], recalibrate_on, runtime, seed=seed,
+                     repair_data=data if settings.repair else None)
     card = {"arch": info["arch"], "num_classes": info["num_classes"], "classes": info["classes"],
             "task": params.data.target, "stage": "collapse", "method": args.method,
             "merge_method": settings.method, "sources": info["sources"], "seed": seed,
-            "align": info["align"], "bn_recalibrated": settings.bn_recalibration,
+            "align": info["align"], "bn_recalibrated": settings.bn_recalibration, "repaired": settings.repair,
             "input": model_input(info["arch"], params.data.target)}
     with stage_output(layout.merge_dir(layout.MERGED, args.method, seed)) as out:
         save_model_dir(out, model_state_cpu(model), card)

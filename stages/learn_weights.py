@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from medmerge import distributed, layout
 from medmerge.io import write_json
+from medmerge.merge.alignment import save_permutations
 from medmerge.methods import MergeInputs, run_merge_method
 from medmerge.models import load_model_dir
 from medmerge.pipeline import align_sources, merge_state_to_save
@@ -32,12 +33,6 @@ from medmerge.stage import (
     stage_runtime,
 )
 from medmerge.tracking import TRAINING_SPLITS, stage_run
-
-
-def flat_permutations(permutations: dict) -> dict:
-    """``{source: {space: perm}}`` as safetensors keys ``<source>/<space>``."""
-    return {f"{source}/{space}": perm.contiguous() for source, perms in permutations.items()
-            for space, perm in perms.items()}
 
 
 def merge_sources(arch: str, names: list[str], sources_from: str, seed: int, anchor: str, align: str) -> tuple:
@@ -78,7 +73,7 @@ def main() -> None:
                                 "granularity": merge.granularity})
             save_file(merge_state_to_save(merge), out / "merge_state.safetensors")
             if permutations:
-                save_file(flat_permutations(permutations), out / "permutations.safetensors")
+                save_permutations(permutations, out / "permutations.safetensors")
             summary.to_csv(out / "layers.csv", index=False)
             plot_layer_coefficients(summary, names, out / "layers.png",
                                     title=f"{args.method} (seed {seed}): mean coefficient per layer")

@@ -300,16 +300,37 @@ class KernelMerge(nn.Module):
         weights = self.group_weights()
         blended = {}
         for key, stacked in self.source_buffers.items():
-            owner = f"{key.rsplit('.', 1)[0]}.weight"
-            if owner in self.group_of:
-                w = weights[self.group_of[owner]].detach().float().cpu().reshape(len(self.sources), -1)
-            else:
-                w = self.init_weights.reshape(-1, 1)
             flat = stacked.reshape(len(self.sources), -1)
-            if w.shape[1] not in (1, flat.shape[1]):  # finer than per channel (slice): one weight per channel
-                w = w.reshape(len(self.sources), flat.shape[1], -1).mean(dim=2)
+            w = self.channel_weights(key.rsplit(".", 1)[0], flat.shape[1], weights)
             blended[key] = (w * flat).sum(dim=0).reshape(stacked.shape[1:])
         return blended
+
+    @torch.no_grad()
+    def channel_weights(self, layer: str, channels: int, weights: dict[str, Tensor] | None = None) -> Tensor:
+        """Each source's weight per output channel of ``layer``, shape ``(N, channels)``: the coefficients
+        of its ``weight`` (averaged per channel where the granularity is finer; the initial weights for a
+        layer without a merged weight)."""
+        owner = f"{layer}.weight"
+        count = len(self.sources)
+        if owner in self.group_of:
+            weights = self.group_weights() if weights is None else weights
+            w = weights[self.group_of[owner]].detach().float().cpu().reshape(count, -1)
+        else:
+            w = self.init_weights.reshape(-1, 1)
+        if w.shape[1] not in (1, channels):  # finer than per channel (slice): one weight per channel
+            w = w.reshape(count, channels, -1).mean(dim=2)
+        return w.expand(count, channels)
+
+    @torch.no_grad()
+    def source_state(self, index: int) -> dict[str, Tensor]:
+        """Source ``index`` as a state dict of the skeleton: its merged tensors and float buffers, the
+        skeleton's head (what REPAIR measures the sources with)."""
+        state = {key: value.detach().clone() for key, value in self.skeleton.state_dict().items()}
+        for key in self.merged_keys:
+            state[key] = self.sources[index][_safe(key)].detach().to(state[key])
+        for key, stacked in self.source_buffers.items():
+            state[key] = stacked[index].to(state[key])
+        return state
 
     def group_weights(self) -> dict[str, Tensor]:
         """Normalised weights per coefficient group, each of shape ``(N, *group_shape)``."""
