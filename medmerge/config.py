@@ -189,7 +189,8 @@ class Params(_Section):
     data: DataSettings
     sources: dict[str, SourceSettings]
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    baselines: list[Literal["ft", "lpft"]] = Field(default_factory=lambda: ["ft"])
+    # at least one: the best of them (on validation) is the reference of every paired comparison
+    baselines: list[Literal["ft", "lpft"]] = Field(default_factory=lambda: ["ft"], min_length=1)
     pretrain: TrainSettings
     finetune: TrainSettings
     merge: MergeSettings

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.integration
 
 
 def tiniest_params() -> dict:
-    """Ten stages: one dataset (the target, also both sources' task, 16 training images), one seed, no
-    baselines, one merge (average: nothing to learn but a probe), one epoch."""
+    """Twelve stages: one dataset (the target, also both sources' task, 16 training images), one seed, the FT
+    baselines (the report's reference), one merge (average: nothing to learn but a probe), one epoch."""
     params = tiny_params()
     target = params["data"]["target"]
     params["data"]["datasets"] = {target: params["data"]["datasets"][target]}
@@ -23,7 +23,7 @@ def tiniest_params() -> dict:
     for source in params["sources"].values():
         source["task"] = target
     params["merge"].update(finetune_epochs=0)
-    params.update(seeds=[0], baselines=[], methods={"average": {"method": "average"}})
+    params.update(seeds=[0], baselines=["ft"], methods={"average": {"method": "average"}})
     return params
 
 
