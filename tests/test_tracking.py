@@ -23,8 +23,10 @@ def test_concurrent_processes_initialise_one_fresh_store(tmp_path: Path) -> None
     assert len(ids) == 1, ids
 
 
-def test_child_runs_nest_under_the_stage_run_in_its_experiment(tmp_path: Path) -> None:
+def test_child_runs_nest_under_the_stage_run_in_its_experiment(tmp_path: Path, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri of an earlier test exports it
 
     from medmerge.tracking import stage_run
 
