@@ -326,8 +326,9 @@ class KernelMerge(nn.Module):
         """Source ``index`` as a state dict of the skeleton: its merged tensors and float buffers, the
         skeleton's head (what REPAIR measures the sources with)."""
         state = {key: value.detach().clone() for key, value in self.skeleton.state_dict().items()}
-        for key in self.merged_keys:
-            state[key] = self.sources[index][_safe(key)].detach().to(state[key])
+        tensors = self.sources[index]
+        for key in self.merged_keys:  # the skeleton holds no backbone parameters: take the source's own
+            state[key] = tensors[_safe(key)].detach().contiguous().clone()
         for key, stacked in self.source_buffers.items():
             state[key] = stacked[index].to(state[key])
         return state
