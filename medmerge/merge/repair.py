@@ -71,18 +71,24 @@ class _Moments:
 @torch.no_grad()
 def activation_statistics(model: nn.Module, layers: Sequence[str], inputs: Inputs) -> dict[str, ChannelStats]:
     """Each layer's per-channel output statistics over the calibration batches (eval mode)."""
-    modules = dict(model.named_modules())
     moments = {name: _Moments() for name in layers}
-    hooks = [modules[name].register_forward_hook(
-        lambda m, _, out, name=name: moments[name].add(_channels(m, out))) for name in layers]
+    _run_with_hooks(model, layers, lambda name, m, out: moments[name].add(_channels(m, out)), inputs)
+    return {name: m.stats() for name, m in moments.items()}
+
+
+def _run_with_hooks(model: nn.Module, layers: Sequence[str], hook, inputs: Inputs) -> None:
+    """Run every calibration batch through ``model`` (eval mode) with ``hook(name, module, output)`` on each
+    of ``layers`` (a hook that returns a tensor replaces the layer's output)."""
+    modules = dict(model.named_modules())
+    hooks = [modules[name].register_forward_hook(lambda m, _, out, name=name: hook(name, m, out))
+             for name in layers]
     model.eval()
     try:
         for x in inputs():
             model(x)
     finally:
-        for hook in hooks:
-            hook.remove()
-    return {name: m.stats() for name, m in moments.items()}
+        for handle in hooks:
+            handle.remove()
 
 
 def _scale(target: Tensor, std: Tensor) -> Tensor:
@@ -117,15 +123,7 @@ def _repair_pass(model: nn.Module, targets: dict[str, ChannelStats], inputs: Inp
         shape[-1 if isinstance(m, nn.Linear) else 1] = -1
         return out * scale.reshape(shape) + shift.reshape(shape)
 
-    hooks = [modules[name].register_forward_hook(lambda m, _, out, name=name: correct(name, m, out))
-             for name in targets]
-    model.eval()
-    try:
-        for x in inputs():
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run_with_hooks(model, list(targets), correct, inputs)
     for name, target in targets.items():
         m, merged = modules[name], moments[name].stats()
         scale = _scale(target.std.to(m.weight), merged.std.to(m.weight))
