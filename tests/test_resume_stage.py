@@ -62,7 +62,7 @@ def test_a_killed_training_stage_resumes_and_ends_byte_identical(tmp_path: Path)
     out = root / "models" / "pretrained" / "seed_0" / SOURCE
 
     run(["dvc", "repro", STAGE], root, env)  # the uninterrupted run (and every stage upstream of it)
-    expected = {name: sha256(out / name) for name in ("weights.safetensors", "card.json")}
+    expected = {name: sha256(out / name) for name in ("model.safetensors", "card.json", "config.json")}
     assert not checkpoints(root), "a succeeded stage leaves no resume checkpoint"
 
     python, flag, module, *args = shlex.split(yaml.safe_load((root / "dvc.lock").read_text())["stages"][STAGE]["cmd"])
