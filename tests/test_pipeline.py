@@ -223,7 +223,7 @@ def test_second_repro_does_nothing(repo) -> None:
 def test_exp_run_reruns_only_the_merge_stages_and_logs_the_new_lr(repo) -> None:
     root, env = repo
     run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "lock"], root, env)
+    run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
     result = run(["dvc", "exp", "run", "--temp", "-n", "lr-sweep", "-S", "merge.lr=0.003"], root, env)
     output = result.stdout + result.stderr
     assert "Running stage 'learn_weights@medmerge-0'" in output and "Running stage 'collapse@average-1'" in output
