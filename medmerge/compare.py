@@ -88,6 +88,8 @@ def paired_difference(name: str, method: Predicted, reference_name: str, referen
     seeds = sorted(set(method) & set(reference))
     if not seeds:
         raise ValueError(f"{name} and {reference_name} share no seed")
+    if name == reference_name:
+        return PairedDifference(name, reference_name, metric, len(seeds), 0.0, 0.0, 0.0, 0.0, 0.0, REFERENCE)
     method, reference = {s: method[s] for s in seeds}, {s: reference[s] for s in seeds}
     score = CONFUSION_METRICS[metric]
     per_seed = [float(score(confusion_matrix(labels, method[s], num_classes))
@@ -96,7 +98,5 @@ def paired_difference(name: str, method: Predicted, reference_name: str, referen
     boot = bootstrap_differences(method, reference, labels, num_classes, metric, weights)
     alpha = (1.0 - confidence) / 2
     boot_low, boot_high = (float(q) for q in np.quantile(boot, [alpha, 1.0 - alpha]))
-    if name == reference_name:
-        return PairedDifference(name, reference_name, metric, len(seeds), 0.0, 0.0, 0.0, 0.0, 0.0, REFERENCE)
     return PairedDifference(name, reference_name, metric, len(seeds), float(np.mean(per_seed)), t_low, t_high,
                             boot_low, boot_high, verdict(t_low, t_high, boot_low, boot_high))
