@@ -177,6 +177,12 @@ class DeviceSettings(_Section):
     rdzv_endpoint: str = ""
     rdzv_id: str = Field("medmerge", pattern=r"^[A-Za-z0-9_.-]+$")  # one per concurrent multi-node run
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted ``on`` / ``off`` as a boolean; take it as the word that was written."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _rendezvous(self) -> DeviceSettings:
         if self.nodes > 1 and not re.fullmatch(r"\[?[A-Za-z0-9_.:-]+\]?:[0-9]{1,5}", self.rdzv_endpoint):

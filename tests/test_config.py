@@ -136,3 +136,16 @@ def test_a_dataset_is_ordinal_only_when_it_says_so(raw: dict) -> None:
     raw["data"]["datasets"][target]["ordinal"] = "graded"
     with pytest.raises(ConfigError, match=rf"data\.datasets\.{target}\.ordinal: Input should be a valid boolean"):
         parse_params(raw)
+
+
+def test_unquoted_on_and_off_are_the_words_written(tmp_path: Path) -> None:
+    """YAML 1.1 turns a bare ``on`` into ``True``; ``device.channels_last: on`` must still mean "on"."""
+    text = (REPO / "params.yaml").read_text()
+    for word in ("on", "off", "auto"):
+        path = tmp_path / f"{word}.yaml"
+        path.write_text(text.replace("channels_last: on ", f"channels_last: {word} "))
+        assert load_params(path).device.channels_last == word
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("channels_last: on ", "channels_last: sideways "))
+    with pytest.raises(ConfigError, match="device.channels_last"):
+        load_params(path)
