@@ -2,8 +2,8 @@
 ``fetch_data`` (the split manifest) and ``prepare`` (decode + resize to 224 px into memory maps).
 
 For each number of images (default 1,000 and 10,000) and each number of decoding workers (default 1 and
-all cores) one fresh child process runs both steps as the stages do (torch imported first, as by every
-stage script) and reports its wall times, CPU time and peak RSS: of the main process (``ru_maxrss``), and
+all cores) one fresh child process runs both steps as the stages do (importing what the two stage scripts import:
+``medmerge.stage``, which leaves torch unimported) and reports its wall times, CPU time and peak RSS: of the main process (``ru_maxrss``), and
 the largest peak (``VmHWM``) among its descendant processes (the decoding workers). The folder is
 fabricated fast: a few distinct JPEGs, each written many times (the duplicates check of prepare sees the
 repeats; it does not change the cost). Everything is removed afterwards.
@@ -93,7 +93,7 @@ class DescendantPeak(threading.Thread):
 
 def child(root: Path, work: Path, workers: int, image_size: int) -> dict:
     """One measurement, in this (fresh) process."""
-    import medmerge.stage  # noqa: F401  (what every stage script imports first: torch)
+    import medmerge.stage  # noqa: F401  (what the stage scripts import first)
     from medmerge.data import fetch_dataset, open_raw_dataset, prepare_dataset
 
     sampler = DescendantPeak()

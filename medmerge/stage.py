@@ -20,23 +20,38 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from medmerge import distributed
 from medmerge.config import ConfigError, Params, flatten, load_params
-from medmerge.device import Runtime, resolve_runtime
 from medmerge.io import atomic_directory
-from medmerge.resume import ResumeDir
 from medmerge.tracking import repo_root
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    from medmerge.device import Runtime
     from medmerge.pipeline import TargetData
+    from medmerge.resume import ResumeDir
 
 log = logging.getLogger("medmerge.stage")
 
 #: where training stages keep their resume checkpoints, under the repository root (git- and DVC-ignored)
 RESUME_ROOT = Path(".medmerge") / "resume"
 _resume_dirs: list[ResumeDir] = []  # this process's, removed by run() when the stage succeeds
+
+
+def _distributed() -> ModuleType | None:
+    """``medmerge.distributed`` once this process has imported torch (a process group needs it), else None:
+    the stages that never use torch (``fetch_data``, ``prepare``) start without paying for its import."""
+    if "torch" not in sys.modules:
+        return None
+    from medmerge import distributed
+
+    return distributed
+
+
+def _is_main() -> bool:
+    distributed = _distributed()
+    return distributed.is_main() if distributed else int(os.environ.get("RANK") or 0) == 0
 
 
 def input_errors() -> tuple[type[BaseException], ...]:
@@ -55,7 +70,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
 def setup_logging() -> None:
     """INFO (or ``MEDMERGE_LOG_LEVEL``) in the main process; only warnings from the other ranks of a
     multi-process run, so each message appears once."""
-    level = os.environ.get("MEDMERGE_LOG_LEVEL", "INFO") if distributed.is_main() else "WARNING"
+    level = os.environ.get("MEDMERGE_LOG_LEVEL", "INFO") if _is_main() else "WARNING"
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -64,6 +79,8 @@ def setup_logging() -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -81,6 +98,11 @@ def stage_runtime(params: Params) -> Runtime:
     In a process started by torchrun this also joins the process group (``medmerge.distributed.init``)
     and gives the process its own GPU.
     """
+    import torch
+
+    from medmerge import distributed
+    from medmerge.device import resolve_runtime
+
     settings = params.device
     if distributed.launched():  # join first: set_device must precede any CUDA query (or all use GPU 0)
         auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,6 +134,8 @@ def maybe_relaunch(params: Params, module: str, argv: Sequence[str]) -> None:
     CPU each worker gets ``cores / processes`` threads unless ``OMP_NUM_THREADS`` or ``MEDMERGE_THREADS`` say
     otherwise.
     """
+    from medmerge import distributed
+
     device = params.device
     processes, nodes = device.processes, getattr(device, "nodes", 1)
     if (processes <= 1 and nodes <= 1) or distributed.launched():
@@ -164,6 +188,8 @@ def stage_resume(params: Params) -> ResumeDir:
     settings: :func:`medmerge.resume.fit_fingerprint`), so changed input directories start afresh.
     :func:`run` removes the directory when the stage succeeds.
     """
+    from medmerge.resume import ResumeDir
+
     digest = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     directory = ResumeDir(repo_root() / RESUME_ROOT / f"{stage_identity()}-{digest[:12]}")
     if directory not in _resume_dirs:
@@ -199,7 +225,7 @@ def stage_output(out_dir: Path) -> Iterator[Path]:
     The other processes of a multi-process run compute the same results; they write to a scratch directory
     that is thrown away.
     """
-    if distributed.is_main():
+    if _is_main():
         with atomic_directory(out_dir) as temp:
             yield temp
     else:
@@ -215,14 +241,28 @@ def run(main: Callable[[], None]) -> None:
     removed; a failed or killed stage keeps them for its rerun.
     """
     setup_logging()
-    torch.set_num_threads(max(1, int(os.environ.get("MEDMERGE_THREADS", torch.get_num_threads()))))
+    limit_threads()
     try:
         main()
-        distributed.barrier()
-        if distributed.is_main():
+        if (distributed := _distributed()) is not None:
+            distributed.barrier()
+        if _is_main():
             clear_resume_checkpoints()
     except input_errors() as error:
         log.error("%s", error)
         sys.exit(1)
     finally:
-        distributed.cleanup()
+        if (distributed := _distributed()) is not None:
+            distributed.cleanup()
+
+
+def limit_threads() -> None:
+    """``MEDMERGE_THREADS=N``: torch's intra-op threads (via ``OMP_NUM_THREADS`` if torch is not imported yet)."""
+    threads = os.environ.get("MEDMERGE_THREADS")
+    if not threads:
+        return
+    count = max(1, int(threads))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(count)

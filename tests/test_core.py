@@ -233,3 +233,14 @@ def test_compiled_training_step_runs_on_cpu() -> None:
                   DeviceTransform([0.5] * 3, [0.5] * 3, runtime), epochs=3, num_classes=2)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert history.best_val_f1 > 0.9
+
+
+def test_data_stages_start_without_torch() -> None:
+    """``fetch_data`` and ``prepare`` never use torch; importing it would cost each of them seconds."""
+    import subprocess
+    import sys
+
+    code = "import sys, stages.fetch_data, stages.prepare; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
