@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from medmerge.config import MergeSettings
 from medmerge.device import Runtime
-from medmerge.merge.coefficients import GRANULARITIES, initial_weights, resolve_normalizer
+from medmerge.merge.coefficients import GRANULARITIES, GranularityError, initial_weights, resolve_normalizer
 from medmerge.merge.functional import KernelMerge, SourceMismatchError
 from medmerge.models import StateDictMismatchError, create_model, head_keys, load_backbone
 from medmerge.pipeline import build_kernel_merge, collapse
@@ -368,7 +368,7 @@ def test_pipeline_collapse_of_a_head_merge_equals_its_functional_forward() -> No
 
 def test_head_granularity_on_a_cnn_stops_with_one_line_naming_the_setting_and_the_arch() -> None:
     states = [create_model("test_resnet", num_classes=4).state_dict() for _ in range(2)]
-    with pytest.raises(ValueError, match=r"merge\.granularity 'head' needs attention blocks .*arch 'test_resnet' "
+    with pytest.raises(GranularityError, match=r"merge\.granularity 'head' needs attention blocks .*arch 'test_resnet' "
                                          r"has none") as error:
         build_kernel_merge("test_resnet", states, ["s0", "s1"], NUM_CLASSES,
                            MergeSettings(anchor="s0", granularity="head"))

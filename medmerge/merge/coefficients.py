@@ -20,6 +20,10 @@ import torch
 from torch import Tensor, nn
 
 
+class GranularityError(ValueError):
+    """A granularity the model cannot have (``head`` on a network without attention blocks)."""
+
+
 @dataclass(frozen=True, eq=False)
 class CoefficientMap:
     """A coefficient group that is no broadcast block of its tensor: ``index`` (integer, broadcastable
@@ -140,7 +144,7 @@ def head_granularity(model: nn.Module) -> Granularity:
     MLPs, embeddings, q/k norms) keeps ``kernel``: one coefficient per output row. Block ``<name>``'s heads
     are the group ``<name>.heads`` of shape ``(num_heads,)``.
 
-    Raises ``ValueError`` where ``model`` has no such attention block."""
+    Raises :class:`GranularityError` where ``model`` has no such attention block."""
     maps: dict[str, tuple[str, Tensor, int]] = {}  # parameter -> (group, index, heads)
     types = _attention_types()
     for prefix, module in model.named_modules():
@@ -148,7 +152,7 @@ def head_granularity(model: nn.Module) -> Granularity:
         for key, value in (index or {}).items():
             maps[key] = (_join(prefix, "heads"), value, module.num_heads)
     if not maps:
-        raise ValueError(
+        raise GranularityError(
             f"merge.granularity 'head' needs attention blocks (timm Attention with num_heads, a fused qkv or "
             f"q_proj/k_proj/v_proj Linear and a proj Linear); arch '{_architecture(model)}' has none: "
             f"use one of {sorted(GRANULARITIES)}"
