@@ -129,7 +129,7 @@ class MergeSettings(_Section):
     head_lr: float = Field(1e-3, gt=0)
     epochs: int = Field(10, ge=0)
     batch_size: int = Field(32, ge=1)
-    granularity: Literal["kernel", "layer", "slice", "model"] = "kernel"
+    granularity: Literal["kernel", "layer", "slice", "model", "head"] = "kernel"  # head: ViTs only
     normalization: Literal["auto", "softmax", "sigmoid"] = "auto"
     anchor: str
     train_sources: bool = False

@@ -8,7 +8,7 @@ and evaluation (``stages/collapse.py``, ``stages/train.py finetune_merged``, ``s
 - ``average``: the uniform parameter average, one frozen weight ``1/N`` per source.
 - ``interpolate``: two sources, ``alpha * anchor + (1 - alpha) * other`` with ``alpha`` from ``merge.alphas``
   chosen by validation macro F1.
-- ``medmerge``: the learned blend at ``merge.granularity`` (model / layer / kernel / slice).
+- ``medmerge``: the learned blend at ``merge.granularity`` (model / layer / kernel / slice / head).
 
 The fixed-weight methods have no learned head, so theirs is a linear probe fitted on the collapsed model's
 frozen features (after BatchNorm recalibration, when that is on); that is also what ``interpolate`` scores

@@ -58,13 +58,14 @@ def input_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's files or params: reported as one clear line, not a traceback."""
     from medmerge.data.npz import DataError
     from medmerge.merge.alignment import AlignmentError
+    from medmerge.merge.coefficients import GranularityError
     from medmerge.merge.functional import SourceMismatchError
     from medmerge.models.checkpoint import CheckpointError
     from medmerge.models.factory import StateDictMismatchError
     from medmerge.models.origins import OriginError, WeightsUnavailableError
 
     return (ConfigError, DataError, CheckpointError, SourceMismatchError, AlignmentError, StateDictMismatchError, OriginError,
-            WeightsUnavailableError, FileNotFoundError)
+            WeightsUnavailableError, FileNotFoundError, GranularityError)
 
 
 def setup_logging() -> None:

@@ -25,15 +25,18 @@ linear layer); the position table is blended as a whole (``slice`` gives it one 
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from medmerge.config import MergeSettings
 from medmerge.device import Runtime
-from medmerge.merge.coefficients import GRANULARITIES, initial_weights, resolve_normalizer
+from medmerge.merge.coefficients import GRANULARITIES, GranularityError, initial_weights, resolve_normalizer
 from medmerge.merge.functional import KernelMerge, SourceMismatchError
 from medmerge.models import StateDictMismatchError, create_model, head_keys, load_backbone
 from medmerge.pipeline import build_kernel_merge, collapse
+from medmerge.report import layerwise
 
 ARCH = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2}  # D = 192, 3 heads, T = 1 + 16 tokens, two blocks
@@ -234,3 +237,172 @@ def test_pipeline_builds_and_collapses_a_vit_merge() -> None:
     x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(model(x), merge.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+# granularity: head. One coefficient per source per attention head, shared by the head's q, k and v rows
+# (weight rows and bias entries of the fused qkv) and by the proj columns that read the head; every other
+# tensor (proj.bias included) keeps kernel, one coefficient per output row.
+HEADS, DEPTH = 3, 2
+HEAD_DIM = D // HEADS
+HEAD_KEYS = ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight")  # per block: the tensors a head owns
+
+
+def head_group(block: int) -> str:
+    return f"blocks.{block}.attn.heads"
+
+
+def head_weights_by_hand(key: str, heads: Tensor) -> Tensor:
+    """Per-source weights ``(S, *shape)`` of one attention tensor from its block's head weights ``(S, H)``,
+    head by head: rows ``part * D + h * head_dim ...`` of q (part 0), k (1), v (2), columns of proj."""
+    shape = (3 * D, D) if key.endswith("qkv.weight") else (3 * D,) if key.endswith("qkv.bias") else (D, D)
+    full = torch.zeros(heads.shape[0], *shape)
+    for h in range(HEADS):
+        features = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+        if key.endswith("proj.weight"):
+            full[:, :, features] = heads[:, h, None, None]
+            continue
+        for part in range(3):
+            rows = slice(part * D + features.start, part * D + features.stop)
+            full[:, rows] = heads[:, h].view(-1, *([1] * len(shape)))
+    return full
+
+
+def weights_per_tensor(merge: KernelMerge, logits: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each merged tensor's per-source weights ``(S, *shape or broadcastable)``, from logits by hand."""
+    weights = {}
+    for key in merge.merged_keys:
+        block = key.split(".")[1] if key.startswith("blocks.") else None
+        if block is not None and key.endswith(HEAD_KEYS):
+            weights[key] = head_weights_by_hand(key, torch.stack(weights_by_hand(logits[head_group(int(block))])))
+        else:
+            weights[key] = torch.stack(weights_by_hand(logits[key]))  # kernel: (S, rows, 1, ...)
+    return weights
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_vit_head_merge_equals_explicit_per_head_weighted_sum(count: int) -> None:
+    merge, sources = build(count, "head")
+    logits = {group.replace("__", "."): value.detach() for group, value in merge.logits.items()}
+    assert logits[head_group(0)].shape == (1 if count == 2 else count, HEADS)
+    heads = torch.stack(weights_by_hand(logits[head_group(0)]))
+    assert len(set(heads[0].tolist())) == HEADS  # every head has its own blend
+    expected = {key: sum(w[i] * sources[i][key] for i in range(count))
+                for key, w in weights_per_tensor(merge, logits).items()}
+    merged = merge.merged_parameters()
+    for key in merge.merged_keys:
+        torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    # spot check: head 1's value rows and proj columns carry head 1's weight, proj.bias keeps its own rows
+    rows, columns = slice(2 * D + HEAD_DIM, 2 * D + 2 * HEAD_DIM), slice(HEAD_DIM, 2 * HEAD_DIM)
+    by_hand = sum(float(heads[i, 1]) * sources[i][QKV][rows] for i in range(count))
+    torch.testing.assert_close(merged[QKV][rows], by_hand, rtol=1e-5, atol=1e-6)
+    proj = "blocks.0.attn.proj.weight"
+    by_hand = sum(float(heads[i, 1]) * sources[i][proj][:, columns] for i in range(count))
+    torch.testing.assert_close(merged[proj][:, columns], by_hand, rtol=1e-5, atol=1e-6)
+    assert merge.group_of["blocks.0.attn.proj.bias"] == "blocks.0.attn.proj.bias"
+
+    plain = vit()
+    plain.load_state_dict({**merge.skeleton.state_dict(), **expected}, strict=True)
+    x = inputs()
+    merge.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merge(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+    merge.use_channels_last()  # the rebuilt layout (patch conv in channels_last) blends the same
+    for key, value in merge.merged_parameters().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_vit_head_coefficient_count_is_kernels_outside_attention_plus_heads_per_block() -> None:
+    head, sources = build(2, "head")
+    kernel, _ = build(2, "kernel", sources=sources)
+    owned = {f"blocks.{b}.{key}" for b in range(DEPTH) for key in HEAD_KEYS}
+    outside = sum(len(kernels(key, tuple(sources[0][key].shape))) for key in head.merged_keys if key not in owned)
+    assert head.layout.num_columns == outside + DEPTH * HEADS
+    assert {head.group_of[key] for key in owned} == {head_group(b) for b in range(DEPTH)}
+    # the tiny ViT: 9218 coefficients per source at kernel, 6536 at head (2 x (576 + 576 + 192) rows -> 2 x 3)
+    assert (kernel.layout.num_columns, head.layout.num_columns) == (9218, 6536)
+    assert head.group_weights()[head_group(1)].shape == (2, HEADS)
+
+
+def test_vit_head_gradients_reach_every_head_and_equal_autograd_through_the_explicit_sum() -> None:
+    merge, sources = build(3, "head")
+    merge.train()
+    x, labels = inputs(4), torch.tensor([0, 1, 2, 0])
+    nn.functional.cross_entropy(merge(x), labels).backward()
+    for block in range(DEPTH):
+        grad = merge.logits[head_group(block).replace(".", "__")].grad
+        assert grad.shape == (3, HEADS) and bool((grad.abs() > 0).all()), block  # every head, every source
+    assert all(logits.grad.abs().sum() > 0 for logits in merge.logits.values())
+
+    leaves = {group.replace("__", "."): value.detach().clone().requires_grad_(True)
+              for group, value in merge.logits.items()}
+    merged = {key: sum(w[i] * sources[i][key] for i in range(3))
+              for key, w in weights_per_tensor(merge, leaves).items()}
+    nn.functional.cross_entropy(functional_call(merge.skeleton, merged, (x,), strict=False), labels).backward()
+    for group, leaf in leaves.items():
+        torch.testing.assert_close(merge.logits[group.replace(".", "__")].grad, leaf.grad, rtol=1e-4, atol=1e-7,
+                                   msg=group)
+
+
+def test_pipeline_collapse_of_a_head_merge_equals_its_functional_forward() -> None:
+    states = []
+    for seed in range(2):
+        torch.manual_seed(100 + seed)
+        states.append(create_model("test_vit", num_classes=10).state_dict())
+    settings = MergeSettings(anchor="s0", granularity="head")
+    merge = build_kernel_merge("test_vit", states, ["s0", "s1"], NUM_CLASSES, settings)
+    assert merge.granularity == "head" and "blocks.0.attn.heads" in merge.group_weights()
+    with torch.no_grad():
+        for logits in merge.logits.values():
+            logits.normal_(0, 1.5)
+    model = collapse(merge, "test_vit", NUM_CLASSES, None, Runtime(torch.device("cpu")))
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), merge.eval()(x), rtol=1e-4, atol=1e-5)
+    # REPAIR's per-channel weights: qkv rows carry their head's weight, proj rows the mean over the heads
+    heads = merge.group_weights()["blocks.0.attn.heads"]
+    qkv = merge.channel_weights("blocks.0.attn.qkv", 3 * heads.shape[1] * 32)  # test_vit: 2 heads of 32
+    torch.testing.assert_close(qkv[:, 32:64], heads[:, 1:2].expand(2, 32))
+    torch.testing.assert_close(merge.channel_weights("blocks.0.attn.proj", 64), heads.mean(dim=1, keepdim=True)
+                               .expand(2, 64))
+
+
+def test_head_granularity_on_a_cnn_stops_with_one_line_naming_the_setting_and_the_arch() -> None:
+    states = [create_model("test_resnet", num_classes=4).state_dict() for _ in range(2)]
+    with pytest.raises(GranularityError, match=r"merge\.granularity 'head' needs attention blocks .*arch 'test_resnet' "
+                                         r"has none") as error:
+        build_kernel_merge("test_resnet", states, ["s0", "s1"], NUM_CLASSES,
+                           MergeSettings(anchor="s0", granularity="head"))
+    assert "\n" not in str(error.value)
+
+
+def test_head_merge_layer_summary_and_layerwise_report() -> None:
+    merge, _ = build(2, "head")
+    summary = merge.layer_summary()
+    assert list(summary["parameter"]) == merge.merged_keys  # one row per merged tensor, in network order
+    row = summary.set_index("parameter").loc[QKV]
+    assert row["numel"] == HEADS and row["s0"] + row["s1"] == pytest.approx(1.0) and row["s0_std"] > 0
+    report = layerwise({0: summary, 1: summary}, ["s0", "s1"])
+    assert "blocks.0.attn.qkv" in set(report["layer"]) and report.notna().all().all()
+
+
+def test_head_granularity_covers_separate_q_k_v_projections() -> None:
+    """EVA-02 keeps q_proj, k_proj (no bias) and v_proj apart: head h is rows h*hd... of each."""
+    def eva(seed: int, classes: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return timm.create_model("eva02_base_patch14_224", img_size=28, patch_size=14, embed_dim=64, depth=1,
+                                 num_heads=4, ref_feat_shape=(2, 2), num_classes=classes)
+    sources = [eva(100 + i, 5).state_dict() for i in range(2)]
+    merge = KernelMerge(eva(0, NUM_CLASSES), sources, ["s0", "s1"], ["head.weight", "head.bias"], "head",
+                        resolve_normalizer("auto", 2), initial_weights(2, 0, 0.5))
+    owned = [key for key, group in merge.group_of.items() if group == "blocks.0.attn.heads"]
+    assert owned == ["blocks.0.attn.q_proj.weight", "blocks.0.attn.q_proj.bias", "blocks.0.attn.k_proj.weight",
+                     "blocks.0.attn.v_proj.weight", "blocks.0.attn.v_proj.bias", "blocks.0.attn.proj.weight"]
+    with torch.no_grad():
+        merge.coefficient_logits.normal_(0, 1.5)
+    heads, merged = merge.group_weights()["blocks.0.attn.heads"], merge.merged_parameters()
+    for key in owned:
+        for h in range(4):
+            features = slice(16 * h, 16 * h + 16)  # head_dim 16: rows of q/k/v, columns of proj
+            part = (slice(None), features) if key == "blocks.0.attn.proj.weight" else (features,)
+            by_hand = heads[0, h] * sources[0][key][part] + heads[1, h] * sources[1][key][part]
+            torch.testing.assert_close(merged[key][part], by_hand, rtol=1e-5, atol=1e-6, msg=key)

@@ -1,21 +1,41 @@
 """How MedMerge's coefficients are shaped (granularity) and normalised across sources.
 
 A *granularity* maps one parameter tensor to the group of coefficients that scales it and that group's
-shape, broadcastable against the tensor. A *normaliser* turns unconstrained logits into per-source
+shape, broadcastable against the tensor, or a :class:`CoefficientMap` where a group's coefficients are no
+broadcast block of the tensor (``head``). A *normaliser* turns unconstrained logits into per-source
 weights that are positive and sum to one across sources. Both are registries keyed by the names used in
-``params.yaml`` (``merge.granularity``, ``merge.normalization``).
+``params.yaml`` (``merge.granularity``, ``merge.normalization``); granularities that need the model's
+structure (``head``) are in ``MODEL_GRANULARITIES`` and are built from the model by
+:func:`resolve_granularity`.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-# (parameter name, parameter shape) -> (coefficient group name, coefficient shape)
-Granularity = Callable[[str, tuple[int, ...]], tuple[str, tuple[int, ...]]]
+
+class GranularityError(ValueError):
+    """A granularity the model cannot have (``head`` on a network without attention blocks)."""
+
+
+@dataclass(frozen=True, eq=False)
+class CoefficientMap:
+    """A coefficient group that is no broadcast block of its tensor: ``index`` (integer, broadcastable
+    against the tensor) gives each position's coefficient, counted in row-major order of ``shape`` (the
+    group's coefficient shape)."""
+
+    shape: tuple[int, ...]
+    index: Tensor
+
+
+# (parameter name, parameter shape) -> (coefficient group name, coefficient shape or map)
+Granularity = Callable[[str, tuple[int, ...]], tuple[str, tuple[int, ...] | CoefficientMap]]
 
 
 def _kernel(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
@@ -51,6 +71,114 @@ GRANULARITIES: dict[str, Granularity] = {
     "layer": _layer,
     "model": _model,
 }
+
+# timm attention modules whose fused ``qkv`` rows are [q heads | k heads | v heads] (``reshape(B, N, 3, H,
+# head_dim)``) or whose ``q_proj``/``k_proj``/``v_proj`` rows are heads in order, and whose ``proj`` reads the
+# heads' outputs concatenated in the same order
+_ATTENTION_TYPES = (
+    ("timm.layers", "Attention"),  # ViT, DeiT, ...
+    ("timm.models.vision_transformer_relpos", "RelPosAttention"),
+    ("timm.models.eva", "EvaAttention"),  # fused qkv + q_bias/v_bias, or separate q/k/v (EVA-02)
+    ("timm.models.beit", "Attention"),  # fused qkv + q_bias/v_bias
+)
+
+
+def _attention_types() -> tuple[type[nn.Module], ...]:
+    types = []
+    for module, name in _ATTENTION_TYPES:
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another timm version: that family is not covered
+            continue
+    return tuple(types)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _linear(module: nn.Module, name: str, out_features: int) -> nn.Linear | None:
+    linear = getattr(module, name, None)
+    return linear if isinstance(linear, nn.Linear) and linear.out_features == out_features else None
+
+
+def _attention_heads(prefix: str, attention: nn.Module) -> dict[str, Tensor] | None:
+    """The head index of every position of one attention block's q/k/v and proj tensors, by parameter name
+    (broadcastable index tensors); None where the block is not laid out as expected."""
+    heads, proj = getattr(attention, "num_heads", None), getattr(attention, "proj", None)
+    if not isinstance(heads, int) or not isinstance(proj, nn.Linear) or proj.in_features % heads:
+        return None
+    width = proj.in_features  # heads * head_dim
+    head = torch.arange(width) // (width // heads)  # the head of each q (or k, or v) feature
+    rows: dict[str, Tensor] = {}  # parameter -> head of each output row
+    qkv = _linear(attention, "qkv", 3 * width)
+    if qkv is not None:
+        rows[_join(prefix, "qkv.weight")] = head.repeat(3)
+        if qkv.bias is not None:
+            rows[_join(prefix, "qkv.bias")] = head.repeat(3)
+        for bias in ("q_bias", "v_bias"):  # EVA / BEiT keep the q and v biases apart (k has none)
+            if isinstance(getattr(attention, bias, None), nn.Parameter):
+                rows[_join(prefix, bias)] = head
+    else:
+        separate = {name: _linear(attention, name, width) for name in ("q_proj", "k_proj", "v_proj")}
+        if any(linear is None for linear in separate.values()):
+            return None  # neither fused nor separate q/k/v of this width (e.g. grouped k/v heads)
+        for name, linear in separate.items():
+            rows[_join(prefix, f"{name}.weight")] = head
+            if linear.bias is not None:
+                rows[_join(prefix, f"{name}.bias")] = head
+    index = {key: value.view(-1, 1) if key.endswith(".weight") else value for key, value in rows.items()}
+    index[_join(prefix, "proj.weight")] = head.view(1, width)  # the columns that read each head
+    return index
+
+
+def _architecture(model: nn.Module) -> str:
+    config = getattr(model, "pretrained_cfg", None) or {}
+    return config.get("architecture") or type(model).__name__
+
+
+def head_granularity(model: nn.Module) -> Granularity:
+    """``head``: one coefficient per attention head of every timm attention block, shared by that head's q, k
+    and v rows (weights and biases; fused ``qkv`` or separate ``q_proj``/``k_proj``/``v_proj``) and by the
+    columns of the output projection ``proj`` that read the head. Every other tensor (``proj``'s bias, norms,
+    MLPs, embeddings, q/k norms) keeps ``kernel``: one coefficient per output row. Block ``<name>``'s heads
+    are the group ``<name>.heads`` of shape ``(num_heads,)``.
+
+    Raises :class:`GranularityError` where ``model`` has no such attention block."""
+    maps: dict[str, tuple[str, Tensor, int]] = {}  # parameter -> (group, index, heads)
+    types = _attention_types()
+    for prefix, module in model.named_modules():
+        index = _attention_heads(prefix, module) if types and isinstance(module, types) else None
+        for key, value in (index or {}).items():
+            maps[key] = (_join(prefix, "heads"), value, module.num_heads)
+    if not maps:
+        raise GranularityError(
+            f"merge.granularity 'head' needs attention blocks (timm Attention with num_heads, a fused qkv or "
+            f"q_proj/k_proj/v_proj Linear and a proj Linear); arch '{_architecture(model)}' has none: "
+            f"use one of {sorted(GRANULARITIES)}"
+        )
+
+    def grouping(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...] | CoefficientMap]:
+        if name not in maps:
+            return _kernel(name, shape)
+        group, index, heads = maps[name]
+        torch.broadcast_shapes(tuple(index.shape), shape)  # a tensor laid out otherwise stops here
+        return group, CoefficientMap((heads,), index)
+
+    return grouping
+
+
+MODEL_GRANULARITIES: dict[str, Callable[[nn.Module], Granularity]] = {"head": head_granularity}
+
+
+def resolve_granularity(name: str, model: nn.Module) -> Granularity:
+    """The granularity ``name`` for ``model`` (a key of ``GRANULARITIES`` or ``MODEL_GRANULARITIES``)."""
+    if name in GRANULARITIES:
+        return GRANULARITIES[name]
+    if name in MODEL_GRANULARITIES:
+        return MODEL_GRANULARITIES[name](model)
+    raise ValueError(f"unknown merge.granularity '{name}'; expected one of "
+                     f"{sorted([*GRANULARITIES, *MODEL_GRANULARITIES])}")
 
 
 class Normalizer:

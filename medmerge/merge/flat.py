@@ -4,8 +4,11 @@ A :class:`FlatLayout` places the merged tensors of one architecture in one flat 
 tensor is stored in its *storage order* (its own order, or ``(out, h, w, in)`` for a 4-D kernel in
 channels_last), and its positions are cut into *rows*: runs of consecutive values that share one coefficient
 (a kernel's filter at ``kernel`` granularity, a 2-D spatial kernel at ``slice``, the whole tensor at
-``layer``). Tensors whose rows have the same length ``K`` sit next to each other, so each such *bucket* is one
-``(rows, K)`` matrix and the coefficient of a row broadcasts along it. A blend step is then:
+``layer``). A group given as a :class:`~medmerge.merge.coefficients.CoefficientMap` (``head``: one head's
+q, k and v rows, three separate runs, and the proj columns that read it, strided) is cut into the longest
+runs that divide every change of coefficient. Tensors whose rows have the same length ``K`` sit next to each
+other, so each such *bucket* is one ``(rows, K)`` matrix and the coefficient of a row broadcasts along it. A
+blend step is then:
 
 * one ``index_select`` that expands the ``G`` coefficients to the ``R`` rows (``R = G`` at ``kernel``);
 * per bucket, one fused ``addcmul`` (two frozen sources, against the precomputed difference
@@ -28,8 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# (parameter name, parameter shape) -> (coefficient group name, coefficient shape)
-Grouping = Callable[[str, tuple[int, ...]], tuple[str, tuple[int, ...]]]
+from medmerge.merge.coefficients import CoefficientMap
+
+# (parameter name, parameter shape) -> (coefficient group name, coefficient shape or map)
+Grouping = Callable[[str, tuple[int, ...]], tuple[str, tuple[int, ...] | CoefficientMap]]
 
 _CHANNELS_LAST = (0, 2, 3, 1)  # (out, in, h, w) -> storage order (out, h, w, in)
 
@@ -92,11 +97,18 @@ def _row_length(shape: Sequence[int], coefficient: Sequence[int]) -> int:
     return length
 
 
+def _run_length(ids: Tensor) -> int:
+    """The longest run length that divides the length of ``ids`` and every position where ``ids`` changes."""
+    changes = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
+    return math.gcd(ids.numel(), *changes.tolist())
+
+
 class FlatLayout:
     """The flat placement of ``keys`` (shapes ``shapes``) and the coefficient columns they read.
 
     Coefficient groups get columns ``[start, start + size)`` of one ``(L, G)`` logits matrix in the order the
-    groups first appear in ``keys``; ``group_shapes[group]`` is the group's coefficient shape.
+    groups first appear in ``keys``; ``group_shapes[group]`` is the group's coefficient shape; ``maps[key]`` is
+    the coefficient index of a tensor whose group is a :class:`CoefficientMap`.
     """
 
     def __init__(self, keys: Sequence[str], shapes: Sequence[tuple[int, ...]], grouping: Grouping,
@@ -105,14 +117,21 @@ class FlatLayout:
         self.group_of: dict[str, str] = {}
         self.group_shapes: dict[str, tuple[int, ...]] = {}
         self.group_columns: dict[str, tuple[int, int]] = {}
+        self.maps: dict[str, Tensor] = {}
         coefficient_shapes = {}
         for key, shape in zip(keys, shapes, strict=True):
             group, coefficient = grouping(key, shape)
             self.group_of[key] = group
+            if isinstance(coefficient, CoefficientMap):
+                self.maps[key] = coefficient.index.long()
+                coefficient = coefficient.shape
             if group not in self.group_shapes:
                 self.group_shapes[group] = coefficient
                 size = math.prod(coefficient)
                 self.group_columns[group] = (sum(n for _, n in self.group_columns.values()), size)
+            elif key in self.maps and self.group_shapes[group] != tuple(coefficient):
+                raise ValueError(f"'{key}' maps into group '{group}' of shape {self.group_shapes[group]} "
+                                 f"with shape {tuple(coefficient)}")
             coefficient_shapes[key] = (1,) * (len(shape) - len(coefficient)) + tuple(coefficient)  # broadcast
         self.num_columns = sum(n for _, n in self.group_columns.values())
 
@@ -121,6 +140,11 @@ class FlatLayout:
         for key, shape in zip(keys, shapes, strict=True):
             order = _storage_order(shape, channels_last)
             stored = [shape[d] for d in order] if order else list(shape)
+            if key in self.maps:  # each position's column, in storage order; rows: runs dividing every change
+                ids = self.maps[key].expand(shape) + self.group_columns[self.group_of[key]][0]
+                ids = (ids.permute(*order) if order else ids).reshape(-1)
+                per_key[key] = (shape, order, _run_length(ids), ids, None)
+                continue
             coefficient = coefficient_shapes[key]
             stored_coefficient = [coefficient[d] for d in order] if order else list(coefficient)
             per_key[key] = (shape, order, _row_length(stored, stored_coefficient), stored, stored_coefficient)
@@ -137,9 +161,12 @@ class FlatLayout:
                     continue
                 numel = math.prod(shape)
                 self.placements.append(Placement(key, tuple(shape), offset, numel, order))
-                first, size = self.group_columns[self.group_of[key]]
-                ids = torch.arange(first, first + size).view(stored_coefficient).expand(stored)
-                row_columns.append(ids.reshape(-1, length)[:, 0])
+                if key in self.maps:
+                    row_columns.append(stored.view(-1, length)[:, 0])
+                else:
+                    first, size = self.group_columns[self.group_of[key]]
+                    ids = torch.arange(first, first + size).view(stored_coefficient).expand(stored)
+                    row_columns.append(ids.reshape(-1, length)[:, 0])
                 offset += numel
                 rows += numel // length
             self.buckets.append(Bucket(start, offset, row_start, rows))
@@ -164,6 +191,12 @@ class FlatLayout:
         if index.device != columns.device:
             index = self.row_columns = index.to(columns.device)
         return columns.index_select(1, index)
+
+    def tensor_weights(self, key: str, group: Tensor) -> Tensor:
+        """``group`` ``(S, *group shape)``, the values of ``key``'s group, broadcastable against ``key``'s tensor
+        (after the source axis): the group itself, or its values gathered by the tensor's map."""
+        index = self.maps.get(key)
+        return group if index is None else group.reshape(group.shape[0], -1)[:, index.to(group.device)]
 
     def group_views(self, columns: Tensor) -> dict[str, Tensor]:
         """``(S, G)`` per-coefficient values as ``(S, *group shape)`` views, by group."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from medmerge.merge.coefficients import GRANULARITIES, Normalizer
+from medmerge.merge.coefficients import Normalizer, resolve_granularity
 from medmerge.merge.flat import BlendBuffers, BlendPlan, FlatBlend, FlatLayout
 
 
@@ -214,7 +214,8 @@ class KernelMerge(nn.Module):
         sources: the sources' state dicts (heads may be present; they are ignored).
         source_names: one name per source, in the order of ``sources``.
         head_keys: the skeleton's head parameters, learned directly and not merged.
-        granularity: a key of ``GRANULARITIES``.
+        granularity: a key of ``GRANULARITIES``, or of ``MODEL_GRANULARITIES`` (``head``: built from the
+            skeleton's attention blocks; see :func:`medmerge.merge.coefficients.head_granularity`).
         normalizer: maps logits to weights that sum to one across sources.
         init_weights: the initial weight of each source, shape ``(N,)``.
         trainable_sources: per source, whether its weights learn jointly (the anchor stays frozen).
@@ -232,8 +233,7 @@ class KernelMerge(nn.Module):
         trainable_sources: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown merge.granularity '{granularity}'; expected one of {sorted(GRANULARITIES)}")
+        self._grouping = resolve_granularity(granularity, skeleton)
         if len(sources) != len(source_names) or len(sources) != len(init_weights):
             raise ValueError("sources, source_names and init_weights must have one entry per source")
         self.source_names = list(source_names)
@@ -246,7 +246,7 @@ class KernelMerge(nn.Module):
         check_compatible(reference, sources, self.source_names, self.merged_keys, known=set(skeleton.state_dict()))
         self._shapes = [tuple(reference[key].shape) for key in self.merged_keys]
         self._dtypes = {key: reference[key].dtype for key in self.merged_keys}  # of the collapsed model
-        self.layout = FlatLayout(self.merged_keys, self._shapes, GRANULARITIES[granularity])
+        self.layout = FlatLayout(self.merged_keys, self._shapes, self._grouping)
         self.group_of = self.layout.group_of
         self._groups_by_safe = {_safe(group): group for group in self.layout.group_columns}
         self._trainable = list(trainable_sources or [False] * len(sources))
@@ -270,7 +270,7 @@ class KernelMerge(nn.Module):
         states = [{k: v.detach().clone() for k, v in state.items()} for state in self.sources.state_dicts()]
         device = self.coefficient_logits.device
         canonical = self.layout
-        self.layout = FlatLayout(self.merged_keys, self._shapes, GRANULARITIES[self.granularity], channels_last=True)
+        self.layout = FlatLayout(self.merged_keys, self._shapes, self._grouping, channels_last=True)
         store = SourceStore(self.layout, states, self._trainable, canonical)
         self.sources = store.to(device)
         self._buffers_between_steps.clear()
@@ -308,10 +308,14 @@ class KernelMerge(nn.Module):
     @torch.no_grad()
     def channel_weights(self, layer: str, channels: int, weights: dict[str, Tensor] | None = None) -> Tensor:
         """Each source's weight per output channel of ``layer``, shape ``(N, channels)``: the coefficients
-        of its ``weight`` (averaged per channel where the granularity is finer; the initial weights for a
-        layer without a merged weight)."""
+        of its ``weight`` (averaged per channel where the granularity is finer or, at ``head``, over the heads a
+        channel reads; the initial weights for a layer without a merged weight)."""
         owner = f"{layer}.weight"
         count = len(self.sources)
+        if owner in self.layout.maps:
+            weights = self.group_weights() if weights is None else weights
+            w = self.layout.tensor_weights(owner, weights[self.group_of[owner]].detach().float().cpu())
+            return w.expand(count, *self.layout.placement[owner].shape).reshape(count, channels, -1).mean(dim=2)
         if owner in self.group_of:
             weights = self.group_weights() if weights is None else weights
             w = weights[self.group_of[owner]].detach().float().cpu().reshape(count, -1)
@@ -382,7 +386,8 @@ class KernelMerge(nn.Module):
     @torch.no_grad()
     def layer_summary(self) -> pd.DataFrame:
         """Mean coefficient of each source for every merged parameter tensor, in network order, and its
-        standard deviation across the tensor's kernels (``<source>_std``)."""
+        standard deviation across the tensor's kernels (``<source>_std``; at ``head`` an attention tensor's
+        coefficients are its block's heads)."""
         weights = self.group_weights()
         rows = []
         for order, key in enumerate(self.merged_keys):
