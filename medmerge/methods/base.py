@@ -14,9 +14,10 @@ with :func:`register_method`. It declares:
 - ``run(inputs)``: the merge, with its coefficients and target head set; ``rebuild(...)``: an empty merge of
   the same shape, for ``collapse`` to load the saved merge state into.
 
-Nothing in this package imports torch at module level: ``medmerge.config`` imports it (late, inside its
+Nothing in this package imports torch at module level: ``medmerge.config`` imports the package (late, in its
 validators) to check ``methods.<name>`` when params are read, before any model is built. The torch-side
-work is imported inside ``run`` / ``rebuild`` (from :mod:`medmerge.pipeline`, :mod:`medmerge.methods.fixed`).
+work (:mod:`medmerge.pipeline`, :mod:`medmerge.train`) is imported inside the functions that run a merge:
+``run`` / ``rebuild`` and the helpers of :mod:`medmerge.methods.fixed`.
 """
 
 from __future__ import annotations
