@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = "params.yaml"
 
@@ -113,39 +114,49 @@ class TrainSettings(_Section):
     class_weighted: bool = False  # cross-entropy weighted by inverse class frequency (imbalanced data)
 
 
-MERGE_METHODS = ("average", "interpolate", "medmerge")  # medmerge.methods.MERGE_METHODS implements each
 BASELINES = ("ft", "lpft")  # single-source baselines: full fine-tuning, linear probe then fine-tuning
 
 
 class MergeSettings(_Section):
     """One merge: ``method`` and its settings. ``merge`` holds the shared defaults; each entry of ``methods``
-    overrides some of them for one compared merge."""
+    overrides some of them for one compared merge.
 
-    method: Literal["average", "interpolate", "medmerge"] = "medmerge"
+    A key commented with a method's name is that built-in method's own: its default is here, and the values it
+    accepts are checked by the method (its settings model in ``medmerge/methods/<method>.py``) when
+    ``methods.<name>`` is validated. The other keys are every method's. A method added beside the built-ins
+    reads its own keys from ``options``.
+    """
+
+    method: str = "medmerge"  # a method of medmerge.methods.MERGE_METHODS
     sources_from: Literal["pretrained", "ft", "lpft"] = "pretrained"
     align: Literal["none", "weight_matching"] = "none"  # permute non-anchor sources onto the anchor first
-    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # interpolate's grid
-    lr: float = Field(0.01, gt=0)
-    head_lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(10, ge=0)
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # interpolate: its grid
+    lr: float = 0.01  # medmerge: of the coefficient logits
+    head_lr: float = 1e-3  # medmerge
+    epochs: int = 10  # medmerge
     batch_size: int = Field(32, ge=1)
-    granularity: Literal["kernel", "layer", "slice", "model", "head"] = "kernel"  # head: ViTs only
-    normalization: Literal["auto", "softmax", "sigmoid"] = "auto"
+    granularity: str = "kernel"  # medmerge
+    normalization: str = "auto"  # medmerge
     anchor: str
-    train_sources: bool = False
-    source_lr: float = Field(1e-4, gt=0)
-    init_coefficient: float = Field(0.5, gt=0, lt=1)
+    train_sources: bool = False  # medmerge
+    source_lr: float = 1e-4  # medmerge
+    init_coefficient: float = 0.5  # medmerge
     finetune_epochs: int = Field(5, ge=0)
     bn_recalibration: bool = True
     repair: bool = False  # REPAIR after collapsing: each merged layer's output statistics -> the sources' interpolation
     class_weighted: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)  # the own keys of a method added beside the built-ins
 
-    @field_validator("alphas")
+    @field_validator("method")
     @classmethod
-    def _alphas_in_unit_interval(cls, alphas: list[float]) -> list[float]:
-        if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
-            raise ValueError(f"expected a non-empty list of weights in [0, 1] for the anchor, got {alphas}")
-        return alphas
+    def _known_method(cls, method: str) -> str:
+        from medmerge.methods import MERGE_METHODS  # imported late: a method may import config
+
+        if method not in MERGE_METHODS:
+            names = [repr(name) for name in sorted(MERGE_METHODS)]
+            expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return method
 
 
 class EvaluateSettings(_Section):
@@ -240,14 +251,19 @@ class Params(_Section):
         return self
 
     def _check_method(self, name: str, settings: MergeSettings) -> None:
+        from medmerge.methods import MethodSettingsError, get_method
+
         where = f"methods.{name}"
         if settings.anchor not in self.sources:
             raise ValueError(f"{where}: anchor '{settings.anchor}' is not one of sources: {sorted(self.sources)}")
-        if settings.normalization == "sigmoid" and len(self.sources) != 2:
-            raise ValueError(f"{where}: normalization 'sigmoid' needs exactly two sources, got {len(self.sources)}")
-        if settings.method == "interpolate" and len(self.sources) != 2:
-            raise ValueError(f"{where}: method 'interpolate' needs exactly two sources, got {sorted(self.sources)}; "
-                             "use 'average' or 'medmerge' for more")
+        try:  # the method's own keys and checks; a bad value inherited from merge is named there
+            get_method(settings.method).validate(settings, self.source_names)
+        except MethodSettingsError as error:
+            overridden = self.methods[name]
+            raise ValueError("; ".join(f"{where if key.split('.')[0] in overridden else 'merge'}.{key}: {message}"
+                                       for key, message in error.errors)) from None
+        except ValueError as error:
+            raise ValueError(f"{where}: method '{settings.method}' {error}") from None
         if settings.sources_from != self.merge.sources_from:
             raise ValueError(f"{where}: sources_from must be set in merge (shared by every method)")
 
@@ -295,6 +311,8 @@ def _format_error(path: Path, error: ValidationError) -> str:
             lines.append(f"  {key}: unknown key (check the spelling; see the defaults in params.yaml)")
         elif item["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif not item["loc"]:  # a check across sections: its message names the keys
+            lines.append(f"  {key}: {item['msg']}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

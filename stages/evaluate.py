@@ -28,6 +28,7 @@ from medmerge.compare import paired_difference, resample_weights
 from medmerge.config import Params
 from medmerge.data.prepare import load_split
 from medmerge.io import atomic_directory, write_json
+from medmerge.methods import get_method
 from medmerge.metrics import CONFUSION_METRICS, confusion_matrix, reported_metrics, scalar_metrics
 from medmerge.plots import plot_comparison, plot_confusion, plot_differences, plot_layerwise
 from medmerge.predictions import SplitPredictions, class_names, read_predictions
@@ -70,7 +71,7 @@ def evaluated_methods(params: Params) -> list[Evaluated]:
                                  members=members))
     for name in params.methods:
         settings = params.method(name)
-        kind = settings.method + (f" ({settings.granularity})" if settings.method == "medmerge" else "")
+        kind = get_method(settings.method).describe(settings)
         kind += ", weight matching" if settings.align == "weight_matching" else ""
         methods.append(Evaluated(f"{name}_collapsed", f"{kind}, collapsed",
                                  lambda seed, n=name: layout.merge_dir(layout.MERGED, n, seed)))
@@ -103,10 +104,11 @@ def gather_predictions(methods: list[Evaluated], seeds: list[int]) -> dict[str, 
 
 
 def learned_layerwise(params: Params) -> dict[str, pd.DataFrame]:
-    """For every learned merge (``medmerge``), its per-layer coefficients averaged over seeds."""
+    """For every merge whose method learns its coefficients (``medmerge``), its per-layer coefficients
+    averaged over seeds."""
     result = {}
     for name in params.methods:
-        if params.method(name).method != "medmerge":
+        if not get_method(params.method(name).method).learns_coefficients:
             continue
         summaries = {seed: pd.read_csv(layout.merge_dir(layout.MERGE, name, seed) / "layers.csv")
                      for seed in params.seeds}

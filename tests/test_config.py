@@ -128,6 +128,34 @@ def test_interpolate_needs_exactly_two_sources(raw: dict) -> None:
     assert parse_params(raw).method("average").method == "average"
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["methods"]["interpolate"].update(alphas=[0.5, 2.0]),
+         r"methods\.interpolate\.alphas: .*weights in \[0, 1\].*\[0\.5, 2\.0\]"),
+        (lambda r: r["methods"].update(x={"method": "medmerge", "granularity": "kernels", "lr": 0}),
+         r"methods\.x\.granularity: Input should be 'kernel'.*; methods\.x\.lr: Input should be greater than 0"),
+        (lambda r: r["merge"].update(init_coefficient=1.5),  # inherited by every medmerge entry: named where it is
+         r"merge\.init_coefficient: Input should be less than 1"),
+        (lambda r: r["methods"].update(x={"method": "average", "options": {"alpha": 0.5}}),
+         r"methods\.x\.options\.alpha: unknown key \(method 'average' takes no options\)"),
+        (lambda r: r["methods"].update(x={"method": "medmerge", "normalization": "sigmoid"})
+         or r["sources"].update(third=dict(r["sources"]["scratch"])) or r["methods"].pop("interpolate"),
+         r"methods\.x: method 'medmerge' with normalization 'sigmoid' needs exactly two sources, got 3"),
+    ],
+)
+def test_a_method_checks_its_own_settings_naming_the_key(raw: dict, edit, message) -> None:
+    edit(raw)
+    with pytest.raises(ConfigError, match=message) as error:
+        parse_params(raw)
+    assert str(error.value).count("\n") == 1  # the file, then one line
+
+
+def test_a_key_that_a_method_does_not_read_is_not_its_concern(raw: dict) -> None:
+    raw["methods"]["average"]["alphas"] = []  # interpolate's: average ignores it
+    assert parse_params(raw).method("average").alphas == []
+
+
 def test_a_dataset_is_ordinal_only_when_it_says_so(raw: dict) -> None:
     target = raw["data"]["target"]
     assert parse_params(raw).data.datasets[target].ordinal is False

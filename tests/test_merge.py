@@ -166,6 +166,25 @@ def test_bn_buffers_start_at_the_initial_blend() -> None:
     torch.testing.assert_close(dict(merge.skeleton.named_buffers())[key], expected)
 
 
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_bn_buffers_start_bit_for_bit_at_the_left_to_right_blend(count: int) -> None:
+    """The starting statistics come from ``blended_buffers(init_weights)``; up to four sources they are the
+    bits the left-to-right sum ``w_0 t_0 + w_1 t_1 + ...`` gave before (torch's reduction over more
+    sources may sum in another order)."""
+    sources = random_sources("test_resnet", count)
+    skeleton = timm.create_model("test_resnet", num_classes=NUM_CLASSES)
+    weights = initial_weights(count, 1, 0.8)
+    merge = KernelMerge(skeleton, sources, [f"s{i}" for i in range(count)], head_keys(skeleton), "kernel",
+                        resolve_normalizer("auto", count), weights)
+    checked = 0
+    for key, buffer in merge.skeleton.named_buffers():
+        if buffer.is_floating_point():
+            expected = sum(w * state[key].float() for w, state in zip(weights.tolist(), sources, strict=True))
+            assert torch.equal(buffer.view(torch.int32), expected.view(torch.int32)), key
+            checked += 1
+    assert checked > 0
+
+
 def test_mismatched_architecture_names_the_first_differing_parameter() -> None:
     resnet = random_sources("test_resnet", 1)[0]
     other = timm.create_model("test_efficientnet").state_dict()

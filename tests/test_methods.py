@@ -3,15 +3,22 @@ alignment inside the pipeline, and the mean ± std report."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from medmerge.config import MergeSettings, TrainSettings
+from medmerge.config import ConfigError, MergeSettings, TrainSettings, parse_params
 from medmerge.data.loader import ArrayBatches
 from medmerge.device import Runtime
-from medmerge.methods import MERGE_METHODS, MergeInputs, rebuild_merge, run_merge_method
+from medmerge.methods import MERGE_METHODS, MergeInputs, get_method, rebuild_merge, run_merge_method
 from medmerge.models import create_model, head_keys, load_backbone
 from medmerge.pipeline import (
     TargetData,
@@ -26,6 +33,7 @@ from medmerge.pipeline import (
 from medmerge.report import comparison_markdown, layerwise, summarize
 from medmerge.train import fit_linear_probe, predict
 
+REPO = Path(__file__).resolve().parents[1]
 ARCH = "test_efficientnet"
 NAMES = ["a", "b"]
 CPU = Runtime(torch.device("cpu"))
@@ -73,6 +81,84 @@ def test_methods_are_chosen_by_name() -> None:
     unknown = MergeSettings.model_construct(method="sum", anchor="a")  # past validation, as a library caller could
     with pytest.raises(ValueError, match="unknown merge method 'sum'"):
         run_merge_method(MergeInputs(ARCH, sources(2), NAMES, tiny_task(), unknown, CPU))
+
+
+def test_an_unknown_method_is_named_in_one_line_with_the_known_ones() -> None:
+    with pytest.raises(ValueError) as error:
+        get_method("sum")
+    assert str(error.value) == "unknown merge method 'sum'; expected one of ['average', 'interpolate', 'medmerge']"
+
+
+def test_the_methods_say_what_they_are_and_whether_they_learn() -> None:
+    assert [get_method(name).describe(MergeSettings(method=name, anchor="a", granularity="layer"))
+            for name in ("average", "interpolate", "medmerge")] == ["average", "interpolate", "medmerge (layer)"]
+    assert [name for name, method in MERGE_METHODS.items() if method.learns_coefficients] == ["medmerge"]
+
+
+def readme_method() -> str:
+    """The one file that README's "Adding a merge method" shows."""
+    section = (REPO / "README.md").read_text().split("### Adding a merge method", 1)[1]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0] + "\n"
+
+
+@pytest.fixture
+def weighted(tmp_path):
+    """README's example method, imported from a file of its own; the registry is restored afterwards."""
+    saved = dict(MERGE_METHODS)
+    path = tmp_path / "weighted_method.py"
+    path.write_text(readme_method())
+    spec = importlib.util.spec_from_file_location("weighted_method", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    yield get_method("weighted")
+    MERGE_METHODS.clear()
+    MERGE_METHODS.update(saved)
+
+
+def test_a_method_in_a_new_file_is_registered_by_name_and_runs(weighted) -> None:
+    assert weighted.name == "weighted" and "weighted" in MERGE_METHODS and not weighted.learns_coefficients
+    states = sources(2)
+    result = run_merge_method(inputs("weighted", states, options={"weights": [3.0, 1.0]}, bn_recalibration=False))
+    assert result.merge.source_means() == pytest.approx({"a": 0.75, "b": 0.25})
+    for key, value in backbone(result.merge.collapsed_state_dict()).items():
+        torch.testing.assert_close(value, 0.75 * states[0][key] + 0.25 * states[1][key], rtol=0, atol=1e-6, msg=key)
+    rebuilt = rebuild_merge(ARCH, states, NAMES, 3, MergeSettings(method="weighted", anchor="a"))
+    restore_merge_state(rebuilt, merge_state_to_save(result.merge))
+    assert all(torch.equal(v, result.merge.collapsed_state_dict()[k]) for k, v in rebuilt.collapsed_state_dict().items())
+    with pytest.raises(ValueError, match=r"^weighted needs one weight per source \(2\)$"):
+        run_merge_method(inputs("weighted", states, options={"weights": [1.0]}))
+    with pytest.raises(ValueError, match=r"options\.weights\.0: Input should be a valid number"):
+        run_merge_method(inputs("weighted", states, options={"weights": ["x", 1.0]}))
+
+
+def test_the_config_checks_a_new_method_with_its_own_settings(weighted) -> None:
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["methods"]["w"] = {"method": "weighted", "options": {"weights": [0.7, 0.3]}}
+    assert parse_params(raw).method("w").options == {"weights": [0.7, 0.3]}
+    for options, message in [({"weights": [1.0]}, r"methods\.w: method 'weighted' needs one weight per source"),
+                             ({"weights": ["x", 1]}, r"methods\.w\.options\.weights\.0: Input should be a valid"),
+                             ({}, r"methods\.w\.options\.weights: required by method 'weighted'"),
+                             ({"weights": [1, 1], "scale": 2},
+                              r"methods\.w\.options\.scale: unknown key \(method 'weighted' takes \['weights'\]\)")]:
+        raw["methods"]["w"]["options"] = options
+        with pytest.raises(ConfigError, match=message):
+            parse_params(raw)
+
+
+def test_adding_a_method_is_adding_one_file_and_reading_it_needs_no_torch(tmp_path) -> None:
+    """A file dropped into medmerge/methods/ registers on import of the package, and neither the package nor
+    a method's settings check imports torch (the config runs them when params are read)."""
+    shutil.copytree(REPO / "medmerge", tmp_path / "medmerge", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "medmerge" / "methods" / "weighted.py").write_text(readme_method())
+    code = ("import sys; from medmerge.config import MergeSettings; from medmerge.methods import MERGE_METHODS\n"
+            "settings = MergeSettings(method='weighted', anchor='a', options={'weights': [1, 2]})\n"
+            "MERGE_METHODS['weighted'].validate(settings, ['a', 'b'])\n"
+            "print(sorted(MERGE_METHODS), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['average', 'interpolate', 'medmerge', 'weighted'] False"
 
 
 def test_average_is_the_exact_uniform_parameter_average() -> None:

@@ -277,31 +277,36 @@ class KernelMerge(nn.Module):
 
     @torch.no_grad()
     def _init_buffers(self, sources: Sequence[dict[str, Tensor]], init_weights: Tensor) -> None:
-        """Start the skeleton's float buffers (BN statistics) at the initial blend of the sources', and keep
-        the sources' own (small) statistics for :meth:`blended_buffers`."""
+        """Keep the sources' own (small) float buffers (BN statistics) for :meth:`blended_buffers` and start
+        the skeleton's at their blend by the initial weights; other buffers come from the first source."""
         self.init_weights = init_weights.detach().float().cpu()
         self.source_buffers: dict[str, Tensor] = {}  # key -> (N, *shape), on the CPU
-        for key, buffer in self.skeleton.named_buffers():
+        buffers = dict(self.skeleton.named_buffers())
+        for key, buffer in buffers.items():
             present = [state[key] for state in sources if key in state]
             if len(present) != len(sources):
                 continue
             if buffer.is_floating_point():
                 self.source_buffers[key] = torch.stack([t.detach().float().cpu() for t in present])
-                blended = sum(w * t.float() for w, t in zip(init_weights.tolist(), present, strict=True))
-                buffer.copy_(blended.to(buffer.dtype))
             else:
                 buffer.copy_(present[0])
+        for key, blended in self.blended_buffers(self.init_weights).items():
+            buffers[key].copy_(blended.to(buffers[key].dtype))
 
     @torch.no_grad()
-    def blended_buffers(self) -> dict[str, Tensor]:
+    def blended_buffers(self, weights: Tensor | None = None) -> dict[str, Tensor]:
         """The sources' float buffers (BatchNorm running statistics) blended with the coefficients of their
         layer's ``weight``, per channel where the granularity has one: the statistics a merged model has when
-        nobody recalibrates them. A layer without a merged ``weight`` uses the initial weights."""
-        weights = self.group_weights()
+        nobody recalibrates them. A layer without a merged ``weight`` uses the initial weights; with
+        ``weights`` (one per source) every buffer is blended by those (the merge's starting statistics)."""
+        groups = self.group_weights() if weights is None else None
         blended = {}
         for key, stacked in self.source_buffers.items():
             flat = stacked.reshape(len(self.sources), -1)
-            w = self.channel_weights(key.rsplit(".", 1)[0], flat.shape[1], weights)
+            if weights is None:
+                w = self.channel_weights(key.rsplit(".", 1)[0], flat.shape[1], groups)
+            else:
+                w = weights.reshape(-1, 1)
             blended[key] = (w * flat).sum(dim=0).reshape(stacked.shape[1:])
         return blended
 

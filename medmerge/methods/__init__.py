@@ -1,0 +1,50 @@
+"""Merge methods behind one interface, chosen by name (``merge.method`` / ``methods.<name>.method``).
+
+Every method takes the N sources (already aligned, if asked) and the target data and returns a
+:class:`~medmerge.merge.functional.KernelMerge` whose coefficients and target head are set. What follows is
+the same for all of them: collapse into one ordinary model, BatchNorm recalibration, the optional fine-tune
+and evaluation (``stages/collapse.py``, ``stages/train.py finetune_merged``, ``stages/evaluate.py``).
+
+One file per method, as mergekit's ``merge_methods/``: ``average.py``, ``interpolate.py``, ``medmerge.py``;
+the interface and the registry are in ``base.py`` (see there), the fixed-weight methods' shared merge in
+``fixed.py``. Importing this package imports every module in it, so adding a method is adding one file
+that defines a :class:`MergeMethod` subclass decorated with :func:`register_method`. No module here
+imports torch at module level, so ``medmerge.config`` can validate ``methods.<name>`` with the method's
+own settings model cheaply; the stages call :func:`run_merge_method` and :func:`rebuild_merge`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from medmerge.methods.base import (
+    MERGE_METHODS,
+    MergeInputs,
+    MergeMethod,
+    MergeResult,
+    MethodSettings,
+    MethodSettingsError,
+    get_method,
+    rebuild_merge,
+    register_method,
+    run_merge_method,
+)
+
+for _module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
+
+del _module
+
+__all__ = [
+    "MERGE_METHODS",
+    "MergeInputs",
+    "MergeMethod",
+    "MergeResult",
+    "MethodSettings",
+    "MethodSettingsError",
+    "get_method",
+    "rebuild_merge",
+    "register_method",
+    "run_merge_method",
+]

@@ -1,0 +1,180 @@
+"""The interface every merge method implements, what it is given and returns, and the registry of methods.
+
+A method is one :class:`MergeMethod` subclass in one file of this package, registered under its ``name``
+with :func:`register_method`. It declares:
+
+- ``settings``: a pydantic model (:class:`MethodSettings`) of its own keys, with the values it accepts. A
+  field named like a key of :class:`~medmerge.config.MergeSettings` reads that key (the built-in methods'
+  keys sit in ``merge`` / ``methods.<name>`` directly, so that ``merge`` holds their shared defaults); any
+  other field is read from ``options`` (``methods.<name>.options.<key>``). The config validates
+  ``methods.<name>`` with it (:meth:`MergeMethod.validate`), naming the bad key.
+- ``learns_coefficients``: whether its coefficients are learned (the report's layer-wise plot shows those).
+- ``describe(settings)``: the report's "kind" text; ``check(settings, source_names)``: checks across keys
+  or against the sources.
+- ``run(inputs)``: the merge, with its coefficients and target head set; ``rebuild(...)``: an empty merge of
+  the same shape, for ``collapse`` to load the saved merge state into.
+
+Nothing in this package imports torch at module level: ``medmerge.config`` imports the package (late, in its
+validators) to check ``methods.<name>`` when params are read, before any model is built. The torch-side
+work (:mod:`medmerge.pipeline`, :mod:`medmerge.train`) is imported inside the functions that run a merge:
+``run`` / ``rebuild`` and the helpers of :mod:`medmerge.methods.fixed`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from medmerge.config import MergeSettings
+    from medmerge.device import Runtime
+    from medmerge.merge.functional import KernelMerge
+    from medmerge.pipeline import TargetData
+    from medmerge.resume import ResumeDir
+    from medmerge.train import EpochResult
+
+
+@dataclass
+class MergeInputs:
+    """What a merge method may use: the sources (in ``source_names`` order) and the target task; a method that
+    trains keeps its per-epoch resume checkpoints in ``resume`` (see :func:`medmerge.train.fit`)."""
+
+    arch: str
+    sources: Sequence[dict[str, Tensor]]
+    source_names: Sequence[str]
+    data: TargetData
+    settings: MergeSettings
+    runtime: Runtime
+    seed: int = 0
+    on_epoch: Callable[[EpochResult], None] | None = None
+    resume: ResumeDir | None = None
+
+
+@dataclass
+class MergeResult:
+    """The merge with its coefficients and head set, its validation macro F1, and method-specific details
+    (``alpha``, ``best_epoch``...) for ``merge.json`` and MLflow."""
+
+    merge: KernelMerge
+    val_f1: float
+    details: dict = field(default_factory=dict)
+
+
+class MethodSettings(BaseModel):
+    """A method's own keys (subclass it; no fields: the method has none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MethodSettingsError(ValueError):
+    """Bad values of a method's own keys: ``errors`` holds each key (``alphas``, ``options.weights``) with
+    what is wrong with it."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{key}: {message}" for key, message in errors))
+        self.errors = errors
+
+
+class MergeMethod(ABC):
+    """One merge method. Subclass, set ``name`` (and ``settings``, ``learns_coefficients`` where they
+    differ from the defaults), implement ``run`` and ``rebuild``, and decorate with :func:`register_method`."""
+
+    name: ClassVar[str]
+    settings: ClassVar[type[MethodSettings]] = MethodSettings
+    learns_coefficients: ClassVar[bool] = False
+
+    def describe(self, settings: MergeSettings) -> str:
+        """The report's "kind" of a merge with ``settings`` (alignment is added by the caller)."""
+        return self.name
+
+    def check(self, settings: MergeSettings, source_names: Sequence[str]) -> None:  # noqa: B027 (a hook)
+        """Raise ``ValueError`` if ``settings`` cannot merge ``source_names``: one line that continues the
+        method's name (``needs exactly two sources, got [...]``), which the caller puts in front."""
+
+    def own_settings(self, settings: MergeSettings) -> MethodSettings:
+        """``settings``' values of this method's own keys, validated by its ``settings`` model."""
+        shared = type(settings).model_fields
+        own = self.settings.model_fields
+        options = dict(settings.options)
+        unknown = [key for key in options if key not in own or key in shared]
+        if unknown:
+            takes = sorted(key for key in own if key not in shared) or "no options"
+            raise MethodSettingsError([(f"options.{key}", f"unknown key (method '{self.name}' takes {takes})")
+                                       for key in unknown])
+        values = {key: getattr(settings, key) for key in own if key in shared} | options
+        try:
+            return self.settings.model_validate(values)
+        except ValidationError as error:
+            errors = []
+            for item in error.errors():
+                if not item["loc"]:  # a check across keys of the settings model: as from check()
+                    raise ValueError(item["msg"]) from None
+                key = ".".join(str(part) for part in item["loc"])
+                key = key if item["loc"][0] in shared else f"options.{key}"
+                if item["type"] == "missing":
+                    errors.append((key, f"required by method '{self.name}'"))
+                else:
+                    errors.append((key, f"{item['msg']} (got {item.get('input')!r})"))
+            raise MethodSettingsError(errors) from None
+
+    def validate(self, settings: MergeSettings, source_names: Sequence[str]) -> MethodSettings:
+        """Its own keys (:class:`MethodSettingsError` naming each bad key), then :meth:`check`."""
+        own = self.own_settings(settings)
+        self.check(settings, list(source_names))
+        return own
+
+    @abstractmethod
+    def run(self, inputs: MergeInputs) -> MergeResult:
+        """Merge ``inputs.sources`` for the target task: the merge with its coefficients and head set."""
+
+    @abstractmethod
+    def rebuild(self, arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str],
+                num_classes: int, settings: MergeSettings) -> KernelMerge:
+        """An empty merge of the shape :meth:`run` produces, ready for ``restore_merge_state``."""
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}  # name -> method, filled as this package's modules are imported
+Method = TypeVar("Method", bound=type[MergeMethod])
+
+
+def register_method(cls: Method) -> Method:
+    """Class decorator: make ``cls`` available as ``method: <cls.name>``."""
+    existing = MERGE_METHODS.get(cls.name)
+    if existing is not None and (type(existing).__module__, type(existing).__qualname__) != (
+            cls.__module__, cls.__qualname__):
+        raise ValueError(f"merge method '{cls.name}' is registered twice: by {type(existing).__module__} and "
+                         f"{cls.__module__}")
+    MERGE_METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method registered as ``name``."""
+    if name not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method '{name}'; expected one of {sorted(MERGE_METHODS)}")
+    return MERGE_METHODS[name]
+
+
+def run_merge_method(inputs: MergeInputs) -> MergeResult:
+    """Run the method that ``inputs.settings.method`` names, after validating its settings."""
+    method = get_method(inputs.settings.method)
+    try:
+        method.validate(inputs.settings, inputs.source_names)
+    except MethodSettingsError as error:
+        raise ValueError(f"merge method '{method.name}': {error}") from None
+    except ValueError as error:
+        raise ValueError(f"{method.name} {error}") from None
+    return method.run(inputs)
+
+
+def rebuild_merge(arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str], num_classes: int,
+                  settings: MergeSettings) -> KernelMerge:
+    """An empty merge of the shape ``settings.method`` produces, ready for ``restore_merge_state``."""
+    return get_method(settings.method).rebuild(arch, sources, source_names, num_classes, settings)
+
