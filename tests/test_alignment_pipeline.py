@@ -1,4 +1,5 @@
-"""Aligned merges of a DenseNet-121 and of a ViT through `dvc repro`, on tiny synthetic data.
+"""Aligned merges of a DenseNet-121 and of a ViT (also with one coefficient per attention head) through
+`dvc repro`, on tiny synthetic data.
 
 Written against the pipeline's outputs (models/merge/<method>/seed_<n>/, models/merged/<method>/seed_<n>/,
 reports/metrics.json), not against stage names.
@@ -13,6 +14,7 @@ import pytest
 import torch
 import yaml
 from repo_harness import REPO, copy_repo, init_and_repro, stage_env
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
 
@@ -20,6 +22,12 @@ METHODS = {
     "aligned": {"method": "medmerge", "align": "weight_matching"},
     "aligned_average_repair": {"method": "average", "align": "weight_matching", "repair": True},
 }
+#: transformers only: the learned merge with one coefficient per attention head
+HEAD_METHODS = {"aligned_heads": {"method": "medmerge", "align": "weight_matching", "granularity": "head"}}
+
+
+def methods_for(arch: str) -> dict:
+    return {**METHODS, **(HEAD_METHODS if "vit" in arch else {})}
 
 
 def tiny_params(arch: str, image_size: int) -> dict:
@@ -32,7 +40,7 @@ def tiny_params(arch: str, image_size: int) -> dict:
     for section in ("pretrain", "finetune"):
         params[section].update(epochs=1, batch_size=12)
     params["merge"].update(epochs=1, batch_size=12, finetune_epochs=1)
-    params["methods"] = METHODS
+    params["methods"] = methods_for(arch)
     params["seeds"] = [0]
     params["baselines"] = ["ft"]
     params["evaluate"]["batch_size"] = 32
@@ -46,16 +54,21 @@ def check_aligned_outputs(root: Path, arch: str) -> None:
 
     _, spec = alignment_skeleton(arch)
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
-    for method in METHODS:
+    methods = methods_for(arch)
+    for method in methods:
         permutations = load_permutations(root / "models/merge" / method / "seed_0" / "permutations.safetensors")
         assert set(permutations) == {"scratch"}  # the non-anchor source, mapped onto the anchor
         assert set(permutations["scratch"]) == set(spec.spaces)
         state, card = load_model_dir(root / "models/merged" / method / "seed_0")
         model = create_model(card["arch"], num_classes=card["num_classes"])
         model.load_state_dict(state, strict=True)
-        assert card["align"] == "weight_matching" and card["repaired"] == METHODS[method].get("repair", False)
+        assert card["align"] == "weight_matching" and card["repaired"] == methods[method].get("repair", False)
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
         assert 0.0 <= metrics[method]["f1_macro"] <= 1.0
+    for method in set(methods) - set(METHODS):  # granularity head: one coefficient group per attention block
+        coefficients = load_file(root / "models/merge" / method / "seed_0" / "coefficients.safetensors")
+        heads = [key for key in coefficients if key.endswith(".heads")]
+        assert len(heads) == len([m for m in create_model(arch, num_classes=2).modules() if hasattr(m, "num_heads")]) > 0
 
 
 @pytest.mark.parametrize(("arch", "image_size"), [("densenet121", 32), ("test_vit", 32)])
