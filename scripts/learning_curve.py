@@ -1,0 +1,86 @@
+"""A learning curve from a sweep of DVC experiments over the target's training fraction.
+
+Reads ``dvc exp show --json`` (from a file, or runs it) and prints one Markdown table: a row per method,
+a column per ``data.datasets.<target>.train_fraction`` (absent: 1.0), each cell the test macro F1 (mean
+over the experiment's seeds) with its paired bootstrap interval of the difference to the reference when the
+report has one. Experiments that differ in anything else than the fraction are still listed, by name.
+
+    dvc exp run --queue -S "++data.datasets.lesions.train_fraction=0.25"   # ... one per fraction
+    dvc queue start
+    python scripts/learning_curve.py                       # runs `dvc exp show --json`
+    python scripts/learning_curve.py --json exps.json --metric f1_macro
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+METRICS_FILE = "reports/metrics.json"
+
+
+def experiments(shown: list) -> Iterator[tuple[str, dict, dict]]:
+    """(name, params.yaml, metrics.json) of every commit and experiment in ``dvc exp show --json`` output."""
+    for entry in shown:
+        for record in [entry, *entry.get("experiments") or []]:
+            for run in record.get("revs") or [record]:
+                data = run.get("data") or {}
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+                metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+                if params and metrics:
+                    yield run.get("name") or data.get("name") or run.get("rev", "?"), params, metrics
+
+
+def train_fraction(params: dict) -> float:
+    target = params["data"]["target"]
+    fraction = params["data"]["datasets"][target].get("train_fraction")
+    return 1.0 if fraction is None else float(fraction)
+
+
+def table(shown: list, metric: str) -> str:
+    points: dict[float, tuple[str, dict]] = {}
+    for name, params, metrics in experiments(shown):
+        fraction = train_fraction(params)
+        if fraction not in points or name == "workspace":
+            points[fraction] = (name, metrics)
+    if not points:
+        raise SystemExit(f"no experiment with {METRICS_FILE} in the dvc exp show output")
+    fractions = sorted(points)
+    methods = list(dict.fromkeys(m for _, metrics in points.values() for m in metrics))
+    lines = ["| method | " + " | ".join(f"{f:g} ({points[f][0]})" for f in fractions) + " |",
+             "|---|" + "---:|" * len(fractions)]
+    for method in methods:
+        cells = []
+        for fraction in fractions:
+            values = points[fraction][1].get(method, {})
+            if metric not in values:
+                cells.append("—")
+                continue
+            low, high = values.get(f"{metric}_boot_low"), values.get(f"{metric}_boot_high")
+            interval = f" (Δ boot [{low:+.3f}, {high:+.3f}])" if low is not None and high is not None else ""
+            cells.append(f"{values[metric]:.3f}{interval}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="saved `dvc exp show --json` output (default: run it)")
+    parser.add_argument("--metric", default="f1_macro", help="a metric of reports/metrics.json (default f1_macro)")
+    args = parser.parse_args()
+    if args.json:
+        shown = json.loads(args.json.read_text())
+    else:
+        out = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"dvc exp show failed: {out.stderr.strip()}")
+        shown = json.loads(out.stdout)
+    print(table(shown, args.metric))
+
+
+if __name__ == "__main__":
+    main()
