@@ -105,6 +105,12 @@ def evaluate_loss_f1(
     return loss, macro_f1(labels, probabilities.argmax(axis=1), num_classes)
 
 
+def warmup_fraction(total_steps: int, warmup: float = 0.1) -> float:
+    """OneCycleLR's ``pct_start``: ``warmup``, except where that makes the warm-up exactly one step (10 steps in
+    all at 0.1), which OneCycleLR divides by zero on; that warm-up is stretched to 1.5 steps."""
+    return 1.5 / total_steps if math.isclose(warmup * total_steps, 1.0) else warmup
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -158,7 +164,8 @@ def fit(
     best_state, best_f1 = None, -math.inf
     total_steps = epochs * len(train)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total_steps, 1), pct_start=0.1
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total_steps, 1),
+        pct_start=warmup_fraction(total_steps),
     ) if total_steps else None
     resumable = {"optimizer": optimizer, "scaler": scaler, "train": train, "transform": transform}
     if scheduler is not None:

@@ -244,3 +244,18 @@ def test_data_stages_start_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("epochs", [9, 10, 11])
+def test_fit_runs_with_a_one_step_warm_up(epochs: int) -> None:
+    """One batch per epoch for 10 epochs puts OneCycleLR's warm-up at exactly one step (a tiny training
+    split, e.g. train_fraction 0.25 of the demo's target); training must still run every epoch."""
+    torch.manual_seed(0)
+    runtime = resolve_runtime("cpu", "none", "off")
+    model = toy_model()
+    images, labels = toy_data()
+    transform = DeviceTransform([0.5] * 3, [0.5] * 3, runtime)
+    history = fit(model, build_optimizer("adamw", [{"params": list(model.parameters()), "lr": 0.05}], 0.0),
+                  ArrayBatches(images, labels, 48, shuffle=True), ArrayBatches(images, labels, 64), transform,
+                  epochs=epochs, num_classes=2)
+    assert len(history.epochs) == epochs and all(math.isfinite(e.train_loss) for e in history.epochs)
