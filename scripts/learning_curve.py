@@ -23,16 +23,23 @@ from pathlib import Path
 METRICS_FILE = "reports/metrics.json"
 
 
-def experiments(shown: list) -> Iterator[tuple[str, dict, dict]]:
-    """(name, params.yaml, metrics.json) of every commit and experiment in ``dvc exp show --json`` output."""
+def experiments(shown: list) -> Iterator[tuple[str, str, dict, dict]]:
+    """(name, timestamp, params.yaml, metrics.json) of every *finished* experiment in ``dvc exp show --json``
+    output (queued, running and failed ones are skipped); the commits and the workspace themselves only if
+    there is no experiment at all."""
+    finished, baselines = [], []
     for entry in shown:
-        for record in [entry, *entry.get("experiments") or []]:
-            for run in record.get("revs") or [record]:
-                data = run.get("data") or {}
-                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-                metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
-                if params and metrics:
-                    yield run.get("name") or data.get("name") or run.get("rev", "?"), params, metrics
+        baselines.append(entry)
+        for experiment in entry.get("experiments") or []:
+            if experiment.get("executor"):  # still queued or running
+                continue
+            finished.extend(run for run in experiment.get("revs") or [] if not run.get("error"))
+    for run in finished or baselines:
+        data = run.get("data") or {}
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+        metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+        if params and metrics:
+            yield run.get("name") or run.get("rev", "?"), data.get("timestamp") or "", params, metrics
 
 
 def train_fraction(params: dict) -> float:
@@ -41,29 +48,31 @@ def train_fraction(params: dict) -> float:
     return 1.0 if fraction is None else float(fraction)
 
 
+def cell(values: dict, metric: str) -> str:
+    if metric not in values:
+        return "—"
+    if values.get("verdict") == "reference":
+        return f"{values[metric]:.3f} (reference)"
+    low, high = values.get(f"{metric}_boot_low"), values.get(f"{metric}_boot_high")
+    interval = f" (Δ boot [{low:+.3f}, {high:+.3f}])" if low is not None and high is not None else ""
+    return f"{values[metric]:.3f}{interval}"
+
+
 def table(shown: list, metric: str) -> str:
-    points: dict[float, tuple[str, dict]] = {}
-    for name, params, metrics in experiments(shown):
+    """The Markdown table; of several experiments with one fraction, the newest."""
+    points: dict[float, tuple[str, str, dict]] = {}
+    for name, timestamp, params, metrics in experiments(shown):
         fraction = train_fraction(params)
-        if fraction not in points or name == "workspace":
-            points[fraction] = (name, metrics)
+        if fraction not in points or timestamp > points[fraction][1]:
+            points[fraction] = (name, timestamp, metrics)
     if not points:
-        raise SystemExit(f"no experiment with {METRICS_FILE} in the dvc exp show output")
+        raise SystemExit(f"no finished experiment with {METRICS_FILE} in the dvc exp show output")
     fractions = sorted(points)
-    methods = list(dict.fromkeys(m for _, metrics in points.values() for m in metrics))
+    methods = list(dict.fromkeys(m for _, _, metrics in points.values() for m in metrics))
     lines = ["| method | " + " | ".join(f"{f:g} ({points[f][0]})" for f in fractions) + " |",
              "|---|" + "---:|" * len(fractions)]
-    for method in methods:
-        cells = []
-        for fraction in fractions:
-            values = points[fraction][1].get(method, {})
-            if metric not in values:
-                cells.append("—")
-                continue
-            low, high = values.get(f"{metric}_boot_low"), values.get(f"{metric}_boot_high")
-            interval = f" (Δ boot [{low:+.3f}, {high:+.3f}])" if low is not None and high is not None else ""
-            cells.append(f"{values[metric]:.3f}{interval}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [f"| {method} | " + " | ".join(cell(points[f][2].get(method, {}), metric) for f in fractions) + " |"
+              for method in methods]
     return "\n".join(lines)
 
 
