@@ -31,7 +31,8 @@ def experiments(shown: list) -> Iterator[tuple[str, str, dict, dict]]:
     for entry in shown:
         baselines.append(entry)
         for experiment in entry.get("experiments") or []:
-            if experiment.get("executor"):  # still queued or running
+            executor = experiment.get("executor") or {}
+            if executor.get("state") in ("queued", "running"):
                 continue
             finished.extend(run for run in experiment.get("revs") or [] if not run.get("error"))
     for run in finished or baselines:
