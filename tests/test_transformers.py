@@ -222,14 +222,17 @@ def test_vit_head_keys_and_load_backbone() -> None:
         load_backbone(vit(), vit_sources(1, embed_dim=96)[0])
 
 
-def test_pipeline_builds_and_collapses_a_vit_merge() -> None:
-    """build_kernel_merge + collapse on timm's registered tiny ViT (no size overrides needed)."""
+def two_test_vits() -> list[dict[str, torch.Tensor]]:
+    """timm's registered tiny ViT from two seeds (no size overrides needed)."""
     states = []
     for seed in range(2):
         torch.manual_seed(100 + seed)
         states.append(create_model("test_vit", num_classes=10).state_dict())
-    merge = build_kernel_merge("test_vit", states, ["s0", "s1"], NUM_CLASSES, MergeSettings(anchor="s0"))
-    assert merge.head_keys == ["head.weight", "head.bias"]
+    return states
+
+
+def collapse_equals_functional_forward(merge) -> None:
+    """Random coefficients, then ``collapse`` gives the functional merge's outputs."""
     with torch.no_grad():
         for logits in merge.logits.values():
             logits.normal_(0, 1.5)
@@ -237,6 +240,13 @@ def test_pipeline_builds_and_collapses_a_vit_merge() -> None:
     x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(model(x), merge.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_builds_and_collapses_a_vit_merge() -> None:
+    """build_kernel_merge + collapse on timm's registered tiny ViT."""
+    merge = build_kernel_merge("test_vit", two_test_vits(), ["s0", "s1"], NUM_CLASSES, MergeSettings(anchor="s0"))
+    assert merge.head_keys == ["head.weight", "head.bias"]
+    collapse_equals_functional_forward(merge)
 
 
 # granularity: head. One coefficient per source per attention head, shared by the head's q, k and v rows
@@ -344,20 +354,10 @@ def test_vit_head_gradients_reach_every_head_and_equal_autograd_through_the_expl
 
 
 def test_pipeline_collapse_of_a_head_merge_equals_its_functional_forward() -> None:
-    states = []
-    for seed in range(2):
-        torch.manual_seed(100 + seed)
-        states.append(create_model("test_vit", num_classes=10).state_dict())
     settings = MergeSettings(anchor="s0", granularity="head")
-    merge = build_kernel_merge("test_vit", states, ["s0", "s1"], NUM_CLASSES, settings)
+    merge = build_kernel_merge("test_vit", two_test_vits(), ["s0", "s1"], NUM_CLASSES, settings)
     assert merge.granularity == "head" and "blocks.0.attn.heads" in merge.group_weights()
-    with torch.no_grad():
-        for logits in merge.logits.values():
-            logits.normal_(0, 1.5)
-    model = collapse(merge, "test_vit", NUM_CLASSES, None, Runtime(torch.device("cpu")))
-    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), merge.eval()(x), rtol=1e-4, atol=1e-5)
+    collapse_equals_functional_forward(merge)
     # REPAIR's per-channel weights: qkv rows carry their head's weight, proj rows the mean over the heads
     heads = merge.group_weights()["blocks.0.attn.heads"]
     qkv = merge.channel_weights("blocks.0.attn.qkv", 3 * heads.shape[1] * 32)  # test_vit: 2 heads of 32
