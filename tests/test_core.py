@@ -236,7 +236,8 @@ def test_compiled_training_step_runs_on_cpu() -> None:
 
 
 def test_data_stages_start_without_torch() -> None:
-    """``fetch_data`` and ``prepare`` never use torch; importing it would cost each of them seconds."""
+    """Importing the ``fetch_data`` and ``prepare`` scripts (and the stage runner) does not import torch.
+    (Their ``load_params`` still does, through the sources' weight-origin check in ``medmerge.models``.)"""
     import subprocess
     import sys
 
