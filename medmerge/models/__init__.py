@@ -1,49 +1,50 @@
-"""Create, load and save timm models; weight origins; key remapping; safe checkpoint loading."""
+"""Create, load and save timm models; weight origins; key remapping; safe checkpoint loading.
 
-from .checkpoint import (
-    CheckpointError,
-    load_model_dir,
-    load_state_dict_file,
-    save_model_dir,
-    sha256_file,
-    write_pointer_dir,
-)
-from .efficientnet_lite import remap_lukemelas_to_timm
-from .export import input_card, timm_config
-from .factory import (
-    LoadReport,
-    StateDictMismatchError,
-    backbone_state,
-    check_backbone,
-    create_model,
-    data_config,
-    head_keys,
-    load_backbone,
-    model_skeleton,
-)
-from .origins import WEIGHT_ORIGINS, OriginError, WeightsUnavailableError, fetch_weights
+The names below are imported from their submodules on first use (PEP 562), so that importing
+``medmerge.models.origins`` (the configuration's check of weight origins) does not import torch or timm.
+"""
 
-__all__ = [
-    "WEIGHT_ORIGINS",
-    "CheckpointError",
-    "LoadReport",
-    "OriginError",
-    "StateDictMismatchError",
-    "WeightsUnavailableError",
-    "backbone_state",
-    "check_backbone",
-    "create_model",
-    "data_config",
-    "fetch_weights",
-    "head_keys",
-    "input_card",
-    "load_backbone",
-    "load_model_dir",
-    "load_state_dict_file",
-    "model_skeleton",
-    "remap_lukemelas_to_timm",
-    "save_model_dir",
-    "sha256_file",
-    "write_pointer_dir",
-    "timm_config",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "load_model_dir": "checkpoint",
+    "load_state_dict_file": "checkpoint",
+    "save_model_dir": "checkpoint",
+    "sha256_file": "checkpoint",
+    "write_pointer_dir": "checkpoint",
+    "remap_lukemelas_to_timm": "efficientnet_lite",
+    "input_card": "export",
+    "timm_config": "export",
+    "LoadReport": "factory",
+    "StateDictMismatchError": "factory",
+    "backbone_state": "factory",
+    "check_backbone": "factory",
+    "create_model": "factory",
+    "data_config": "factory",
+    "head_keys": "factory",
+    "load_backbone": "factory",
+    "model_skeleton": "factory",
+    "WEIGHT_ORIGINS": "origins",
+    "OriginError": "origins",
+    "WeightsUnavailableError": "origins",
+    "fetch_weights": "origins",
+}
+
+__all__ = sorted(_EXPORTS)
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
