@@ -1,11 +1,13 @@
-"""Stages pretrain@<source>-<seed>, baseline@<recipe>-<source>-<seed>, finetune_merged@<method>-<seed>.
+"""Stages pretrain@<source>-<seed> and baseline@<recipe>-<source>-<seed>; the fine-tune of merge@<method>-<seed>.
 
 - pretrain <source> --seed n: models/sources/<source> trained on the source's task
   -> models/pretrained/seed_<n>/<source>. A source without a task is used as fetched: the directory then
   holds only a card pointing at models/sources/<source>, and nothing trains.
 - ft <source> --seed n:   models/pretrained/seed_<n>/<source> fine-tuned on the target -> models/ft/seed_<n>/<source>
 - lpft <source> --seed n: the same, linear probe first (LP-FT)                      -> models/lpft/seed_<n>/<source>
-- finetune_merged <method> --seed n: models/merged/<method>/seed_<n> fine-tuned      -> models/merged_ft/<method>/seed_<n>
+
+``stages.merge`` fine-tunes its collapsed model with :func:`finetune_merged_job` and :func:`train_job`
+(models/merged/<method>/seed_<n> -> models/merged_ft/<method>/seed_<n>).
 
 Target-side models also write predictions.csv (validation and test logits), which ``evaluate`` reads.
 """
@@ -36,7 +38,7 @@ from medmerge.stage import (
 from medmerge.tracking import TRAINING_SPLITS, stage_run
 
 log = logging.getLogger("medmerge.stages.train")
-JOBS = ("pretrain", "ft", "lpft", "finetune_merged")
+JOBS = ("pretrain", "ft", "lpft")
 
 
 @dataclass
@@ -59,16 +61,17 @@ class Job:
         return self.stage != "pretrain"
 
 
+def finetune_merged_job(method: str, seed: int, params: Params) -> Job:
+    """The fine-tune of merge ``method``'s collapsed model for ``seed`` (``merge.finetune_epochs`` epochs)."""
+    return Job("finetune_merged", layout.merge_dir(layout.MERGED, method, seed), params.data.target,
+               params.finetune, params.method(method).finetune_epochs, layout.merge_dir(layout.MERGED_FT, method, seed),
+               f"finetune merged {method} seed {seed}", {"seed": str(seed), "method": method}, keep_head=True)
+
+
 def job_for(stage: str, name: str, seed: int, params: Params) -> Job | None:
-    """The job for ``python -m stages.train <stage> <name> --seed <seed>``; None for pretraining a source that
-    is used as given. An unknown name stops with the valid ones."""
+    """The job for ``python -m stages.train <stage> <source> --seed <seed>``; None for pretraining a source that
+    is used as given. An unknown source stops with the valid ones."""
     tags = {"seed": str(seed)}
-    if stage == "finetune_merged":
-        if name not in params.methods:
-            raise SystemExit(f"{stage}: unknown method '{name}'; params.yaml methods are {sorted(params.methods)}")
-        return Job(stage, layout.merge_dir(layout.MERGED, name, seed), params.data.target, params.finetune,
-                   params.method(name).finetune_epochs, layout.merge_dir(layout.MERGED_FT, name, seed),
-                   f"finetune merged {name} seed {seed}", {**tags, "method": name}, keep_head=True)
     if name not in params.sources:
         raise SystemExit(f"{stage}: unknown source '{name}'; params.yaml sources are {sorted(params.sources)}")
     if stage == "pretrain":
@@ -84,10 +87,40 @@ def job_for(stage: str, name: str, seed: int, params: Params) -> Job | None:
                {**tags, "source": name, "method": f"{stage}_{name}"}, linear_probe=stage == "lpft")
 
 
+def train_job(job: Job, params: Params, flat: dict, seed: int, runtime, init_state: dict, init_card: dict,
+              out: Path) -> None:
+    """Train ``job`` from ``init_state`` under its own MLflow run; write the model directory to ``out`` (with
+    predictions.csv on the target task, the test metrics logged for a source task)."""
+    data = stage_dataset(params, job.dataset, job.settings.batch_size, runtime, seed=seed)
+    with stage_run(job.stage, params.mlflow.experiment, flat, params.mlflow.tracking_uri,
+                   run_name=job.label, tags=job.tags) as tracker:
+        tracker.log_dataset(layout.processed_dir(job.dataset), job.dataset, TRAINING_SPLITS)
+        model, history = train_classifier(
+            params.arch, init_state, data, job.settings, runtime, epochs=job.epochs, seed=seed,
+            keep_head=job.keep_head, linear_probe=job.linear_probe, on_epoch=tracker.log_epoch,
+            description=job.label, resume=stage_resume(params),
+        )
+        if history.epochs:
+            tracker.log_metrics({"best_val_f1_macro": history.best_val_f1})
+        if not job.on_target and distributed.is_main():
+            metrics = test_metrics(model, params.arch, data, runtime)
+            tracker.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+            log.info("%s: test macro F1 %.4f", job.label, metrics["f1_macro"])
+    card = {"arch": params.arch, "num_classes": data.num_classes, "classes": data.classes,
+            "task": job.dataset, "stage": job.stage, "init": str(job.init_dir),
+            "init_sha256": init_card.get("sha256"), "epochs": job.epochs, "best_epoch": history.best_epoch,
+            "linear_probe": job.linear_probe, "input": model_input(params.arch, job.dataset), **job.tags,
+            "seed": seed}
+    save_model_dir(out, model_state_cpu(model), card)
+    if job.on_target and distributed.is_main():
+        write_predictions(out / layout.PREDICTIONS, split_predictions(model, params.arch, data, runtime),
+                          data.classes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=JOBS)
-    parser.add_argument("name", help="the source (pretrain, ft, lpft) or the method (finetune_merged)")
+    parser.add_argument("name", help="the source")
     add_seed_argument(parser)
     args = parser.parse_args()
     params, flat = stage_params()
@@ -100,32 +133,9 @@ def main() -> None:
     maybe_relaunch(params, "stages.train", sys.argv[1:])  # device.processes > 1: rerun under torchrun
     runtime = stage_runtime(params)
     seed_everything(args.seed)
-    data = stage_dataset(params, job.dataset, job.settings.batch_size, runtime, seed=args.seed)
     init_state, init_card = load_model_dir(job.init_dir)
     with stage_output(job.out_dir) as out:
-        with stage_run(job.stage, params.mlflow.experiment, flat, params.mlflow.tracking_uri,
-                       run_name=job.label, tags=job.tags) as tracker:
-            tracker.log_dataset(layout.processed_dir(job.dataset), job.dataset, TRAINING_SPLITS)
-            model, history = train_classifier(
-                params.arch, init_state, data, job.settings, runtime, epochs=job.epochs, seed=args.seed,
-                keep_head=job.keep_head, linear_probe=job.linear_probe, on_epoch=tracker.log_epoch,
-                description=job.label, resume=stage_resume(params),
-            )
-            if history.epochs:
-                tracker.log_metrics({"best_val_f1_macro": history.best_val_f1})
-            if not job.on_target and distributed.is_main():
-                metrics = test_metrics(model, params.arch, data, runtime)
-                tracker.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
-                log.info("%s: test macro F1 %.4f", job.label, metrics["f1_macro"])
-        card = {"arch": params.arch, "num_classes": data.num_classes, "classes": data.classes,
-                "task": job.dataset, "stage": job.stage, "init": str(job.init_dir),
-                "init_sha256": init_card.get("sha256"), "epochs": job.epochs, "best_epoch": history.best_epoch,
-                "linear_probe": job.linear_probe, "input": model_input(params.arch, job.dataset), **job.tags,
-                "seed": args.seed}
-        save_model_dir(out, model_state_cpu(model), card)
-        if job.on_target and distributed.is_main():
-            write_predictions(out / layout.PREDICTIONS, split_predictions(model, params.arch, data, runtime),
-                              data.classes)
+        train_job(job, params, flat, args.seed, runtime, init_state, init_card, out)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def test_every_file_a_stage_opens_is_declared(repo) -> None:
     # params; tracking; git metadata; resume checkpoints (kept outside the outs on purpose)
     allowed_everywhere = ("params.yaml", "mlflow.db", "mlartifacts/", ".git/", ".medmerge/")
     opened = [json.loads(line) for line in (root.parent / AUDIT_LOG).read_text().splitlines()]
-    assert {entry["stage"] for entry in opened} >= {"evaluate", "pretrain@imagenet-0", "collapse@medmerge-1"}
+    assert {entry["stage"] for entry in opened} >= {"evaluate", "pretrain@imagenet-0", "merge@medmerge-1"}
     assert any(entry["path"] == "medmerge/config.py" for entry in opened)  # imports are recorded too
     within = lambda path, roots: any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)  # noqa: E731
     undeclared = []
@@ -166,7 +166,7 @@ def test_a_new_seed_runs_only_that_seeds_stages(repo) -> None:
     finally:
         params_file.write_text(original)
     assert changed and all(name == "evaluate" or name.endswith("-2") for name in changed), changed
-    assert {"pretrain@imagenet-2", "baseline@lpft-scratch-2", "finetune_merged@medmerge-2", "evaluate"} <= set(changed)
+    assert {"pretrain@imagenet-2", "baseline@lpft-scratch-2", "merge@medmerge-2", "evaluate"} <= set(changed)
 
 
 def test_collapsed_checkpoints_load_strictly_into_timm(repo) -> None:
@@ -226,7 +226,7 @@ def test_exp_run_reruns_only_the_merge_stages_and_logs_the_new_lr(repo) -> None:
     run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
     result = run(["dvc", "exp", "run", "--temp", "-n", "lr-sweep", "-S", "merge.lr=0.003"], root, env)
     output = result.stdout + result.stderr
-    assert "Running stage 'learn_weights@medmerge-0'" in output and "Running stage 'collapse@average-1'" in output
+    assert "Running stage 'merge@medmerge-0'" in output and "Running stage 'merge@average-1'" in output
     for skipped in ("pretrain@imagenet-0", "baseline@ft-scratch-1", "baseline@lpft-imagenet-0", "prepare@lesions"):
         assert f"Running stage '{skipped}'" not in output, skipped
     evaluate = [r for r in runs(root) if r.data.tags.get("stage") == "evaluate" and r.data.params["merge.lr"] == "0.003"]
@@ -246,7 +246,7 @@ def test_bad_params_key_stops_the_stage_with_a_clear_message(repo) -> None:
     (bad / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copytree(root / "stages", bad / "stages")
     shutil.copytree(root / "medmerge", bad / "medmerge")
-    result = run([sys.executable, "-m", "stages.learn_weights", "medmerge", "--seed", "0"], bad, env, check=False)
+    result = run([sys.executable, "-m", "stages.merge", "medmerge", "--seed", "0"], bad, env, check=False)
     assert result.returncode == 1
     assert "params.yaml" in result.stderr and "merge.lrr: unknown key" in result.stderr
     assert "Traceback" not in result.stderr

@@ -3,14 +3,15 @@
 Every method takes the N sources (already aligned, if asked) and the target data and returns a
 :class:`~medmerge.merge.functional.KernelMerge` whose coefficients and target head are set. What follows is
 the same for all of them: collapse into one ordinary model, BatchNorm recalibration, the optional fine-tune
-and evaluation (``stages/collapse.py``, ``stages/train.py finetune_merged``, ``stages/evaluate.py``).
+and evaluation (``stages/merge.py``, ``stages/evaluate.py``).
 
 One file per method, as mergekit's ``merge_methods/``: ``average.py``, ``interpolate.py``, ``medmerge.py``;
 the interface and the registry are in ``base.py`` (see there), the fixed-weight methods' shared merge in
 ``fixed.py``. Importing this package imports every module in it, so adding a method is adding one file
 that defines a :class:`MergeMethod` subclass decorated with :func:`register_method`. No module here
 imports torch at module level, so ``medmerge.config`` can validate ``methods.<name>`` with the method's
-own settings model cheaply; the stages call :func:`run_merge_method` and :func:`rebuild_merge`.
+own settings model cheaply; the merge stage calls :func:`run_merge_method`, and :func:`rebuild_merge`
+reopens a saved merge (its ``merge_state.safetensors`` and sources).
 """
 
 from __future__ import annotations
