@@ -243,7 +243,7 @@ def test_data_stages_run_without_torch(tmp_path: Path) -> None:
 
     import yaml
 
-    from tests.repo_harness import REPO, copy_repo, stage_env
+    from repo_harness import REPO, copy_repo, stage_env
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["datasets"]["lesions"]["options"].update(n_train=8, n_val=4, n_test=4, image_size=16)
