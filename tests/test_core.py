@@ -242,7 +242,6 @@ def test_data_stages_run_without_torch(tmp_path: Path) -> None:
     import sys
 
     import yaml
-
     from repo_harness import REPO, copy_repo, stage_env
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -7,8 +7,7 @@ needs :mod:`medmerge.data.decode`) does not import them all (pandas, scikit-lear
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medmerge.lazy import lazy_exports
 
 _EXPORTS = {
     "DATA_ORIGINS": "fetch",
@@ -46,13 +45,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'medmerge.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"medmerge.data.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,7 @@ The names below are imported from their submodules on first use (PEP 562), so th
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medmerge.lazy import lazy_exports
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
@@ -37,14 +36,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
