@@ -1,0 +1,89 @@
+"""Two runs of the same pipeline side by side: do the data hashes match, and do the verdicts agree?
+
+Each run is a repository directory after ``dvc repro`` (e.g. the same commit on two machines, or on one
+machine with another instruction set). Prints Markdown: the ``dvc.lock`` hashes of the outputs under
+``data/`` and ``models/sources`` (equal or different), then one row per method of ``reports/comparison.csv``
+with each run's mean, paired difference, both intervals and verdict, and how many verdicts agree.
+
+    python scripts/compare_runs.py ../run-native ../run-avx2 --labels native AVX2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import yaml
+
+COMPARISON = Path("reports/comparison.csv")
+HASHED_PREFIXES = ("data/", "models/sources")  # what must be identical on every CPU (docs/reproducibility.md)
+
+
+def output_hashes(root: Path) -> dict[str, str]:
+    """``path -> md5`` of every out in ``root/dvc.lock`` under :data:`HASHED_PREFIXES`."""
+    locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return {out["path"]: out.get("md5", "") for stage in locked.values() for out in stage.get("outs", [])
+            if out["path"].startswith(HASHED_PREFIXES)}
+
+
+def comparison_rows(root: Path) -> dict[str, dict[str, str]]:
+    path = root / COMPARISON
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; run `dvc repro` there first")
+    with path.open(newline="") as handle:
+        return {row["method"]: row for row in csv.DictReader(handle)}
+
+
+def _number(value: str) -> str:
+    return "—" if value in ("", None) else f"{float(value):+.3f}"
+
+
+def _cell(row: dict[str, str], metric: str) -> str:
+    mean = f"{float(row[f'{metric}_mean']):.3f} ± {float(row[f'{metric}_std']):.3f}"
+    if row["verdict"] == "reference":
+        return f"{mean} | — | reference"
+    difference = (f"{_number(row['diff'])} (t [{_number(row['t_low'])}, {_number(row['t_high'])}]; "
+                  f"bootstrap [{_number(row['boot_low'])}, {_number(row['boot_high'])}])")
+    return f"{mean} | {difference} | {row['verdict']}"
+
+
+def compare(first: Path, second: Path, labels: tuple[str, str], metric: str = "f1_macro") -> tuple[str, int, int]:
+    """The Markdown comparison of two runs; the number of methods whose verdicts agree, and of methods."""
+    lines = ["| output | " + " | ".join(labels) + " | |", "|---|---|---|---|"]
+    hashes = output_hashes(first), output_hashes(second)
+    for path in sorted(set(hashes[0]) | set(hashes[1])):
+        a, b = hashes[0].get(path, "—"), hashes[1].get(path, "—")
+        lines.append(f"| `{path}` | `{a}` | `{b}` | {'equal' if a == b else '**different**'} |")
+    rows = comparison_rows(first), comparison_rows(second)
+    lines += ["", f"| method | {labels[0]} {metric} | {labels[0]} Δ | {labels[0]} verdict | {labels[1]} {metric} | "
+              f"{labels[1]} Δ | {labels[1]} verdict | agree |", "|---|---:|---|---|---:|---|---|---|"]
+    agree = 0
+    methods = [m for m in rows[0] if m in rows[1]]
+    for method in methods:
+        same = rows[0][method]["verdict"] == rows[1][method]["verdict"]
+        agree += same
+        lines.append(f"| {method} | {_cell(rows[0][method], metric)} | {_cell(rows[1][method], metric)} | "
+                     f"{'yes' if same else '**no**'} |")
+    only = sorted(set(rows[0]) ^ set(rows[1]))
+    lines += ["", f"Verdicts agree for {agree} of {len(methods)} methods."]
+    if only:
+        lines.append(f"In one run only: {', '.join(only)}.")
+    return "\n".join(lines) + "\n", agree, len(methods)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("first", type=Path, help="repository directory of the first run")
+    parser.add_argument("second", type=Path, help="repository directory of the second run")
+    parser.add_argument("--labels", nargs=2, default=("first", "second"), metavar=("FIRST", "SECOND"))
+    parser.add_argument("--metric", default="f1_macro", help="the column prefix in comparison.csv (default f1_macro)")
+    args = parser.parse_args(argv)
+    text, _, _ = compare(args.first, args.second, tuple(args.labels), args.metric)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
