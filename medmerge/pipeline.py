@@ -9,7 +9,7 @@ import copy
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -66,6 +66,17 @@ class TargetData:
         """Inverse-frequency loss weights from the training split."""
         return inverse_frequency_weights(self.train.labels, self.num_classes)
 
+    def with_train_batch_size(self, batch_size: int) -> TargetData:
+        """The same splits (device copies included), the training split in batches of ``batch_size``, from
+        its first epoch: what :func:`open_dataset` with that batch size gives, without opening it again."""
+        train = replace(self.train, batch_size=batch_size, drop_last=_drops_last(len(self.train.labels), batch_size))
+        return replace(self, train=train)
+
+
+def _drops_last(count: int, batch_size: int) -> bool:
+    """A training split of ``count`` samples, larger than one batch, drops its last partial batch each epoch."""
+    return count > batch_size
+
 
 def open_dataset(
     prepared_dir: Path,
@@ -84,7 +95,7 @@ def open_dataset(
     io = {"workers": workers, "pin_memory": pin_memory}
     batches = [
         ArrayBatches(*splits["train"], batch_size=batch_size, shuffle=True, seed=seed,
-                     drop_last=len(splits["train"][0]) > batch_size, **io),
+                     drop_last=_drops_last(len(splits["train"][1]), batch_size), **io),
         ArrayBatches(*splits["val"], batch_size=eval_batch_size, **io),
         ArrayBatches(*splits["test"], batch_size=eval_batch_size, **io),
     ]

@@ -32,7 +32,14 @@ from medmerge.io import read_json, write_json
 from medmerge.merge.alignment import save_permutations
 from medmerge.methods import MergeInputs, MergeResult, run_merge_method
 from medmerge.models import load_model_dir, save_model_dir
-from medmerge.pipeline import align_sources, collapse, merge_state_to_save, model_state_cpu, split_predictions
+from medmerge.pipeline import (
+    TargetData,
+    align_sources,
+    collapse,
+    merge_state_to_save,
+    model_state_cpu,
+    split_predictions,
+)
 from medmerge.plots import plot_layer_coefficients
 from medmerge.predictions import write_predictions
 from medmerge.stage import (
@@ -59,12 +66,11 @@ def merge_sources(arch: str, names: list[str], sources_from: str, seed: int, anc
     return sources, {}, {}
 
 
-def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed: int, runtime,
+def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed: int, runtime, data: TargetData,
           out: Path) -> tuple[MergeResult, dict]:
-    """Step 1: the merge's coefficients and head, learned under an MLflow run and written to ``out``; the
-    result and merge.json's contents."""
+    """Step 1: the merge's coefficients and head, learned on ``data`` under an MLflow run and written to
+    ``out``; the result and merge.json's contents."""
     names = params.source_names
-    data = stage_dataset(params, params.data.target, settings.batch_size, runtime, seed=seed)
     sources, permutations, alignment = merge_sources(params.arch, names, settings.sources_from, seed,
                                                      settings.anchor, settings.align)
     tags = {"method": method, "merge_method": settings.method, "seed": str(seed),
@@ -74,8 +80,7 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
         tracker.log_dataset(layout.processed_dir(params.data.target), params.data.target, TRAINING_SPLITS)
         result = run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed,
                                               on_epoch=tracker.log_epoch, resume=stage_resume(params)))
-        result.merge.cpu()
-        merge = result.merge
+        merge = result.merge.cpu()
         info = {
             "name": method, "method": settings.method, "seed": seed, "arch": params.arch,
             "sources": names, "sources_from": settings.sources_from, "classes": data.classes,
@@ -107,9 +112,9 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
 
 
 def collapse_learned(result: MergeResult, info: dict, method: str, params: Params, settings: MergeSettings,
-                     seed: int, runtime, out: Path) -> tuple[dict, dict]:
-    """Step 2: the learned merge as one ordinary model, written to ``out``; its state and card."""
-    data = stage_dataset(params, params.data.target, params.evaluate.batch_size, runtime, seed=seed)
+                     seed: int, runtime, data: TargetData, out: Path) -> tuple[dict, dict]:
+    """Step 2: the learned merge as one ordinary model (BatchNorm recalibrated, REPAIR, on ``data.train``),
+    written to ``out``; its state and card."""
     model = collapse(result.merge, info["arch"], info["num_classes"], data if settings.bn_recalibration else None,
                      runtime, seed=seed, repair_data=data if settings.repair else None)
     card = {"arch": info["arch"], "num_classes": info["num_classes"], "classes": info["classes"],
@@ -137,15 +142,19 @@ def main() -> None:
     maybe_relaunch(params, "stages.merge", sys.argv[1:])  # device.processes > 1: rerun under torchrun
     runtime = stage_runtime(params)
     job = finetune_merged_job(method, seed, params)
+    # the target, opened once; each step batches its training split as its settings say
+    data = stage_dataset(params, params.data.target, settings.batch_size, runtime, seed=seed)
     with (stage_output(layout.merge_dir(layout.MERGE, method, seed)) as learned,
           stage_output(layout.merge_dir(layout.MERGED, method, seed)) as merged,
           stage_output(job.out_dir) as tuned):
         seed_everything(seed)  # before each step, so that each starts from the same random state
-        result, info = learn(method, params, flat, settings, seed, runtime, learned)
+        result, info = learn(method, params, flat, settings, seed, runtime, data, learned)
         seed_everything(seed)
-        state, card = collapse_learned(result, info, method, params, settings, seed, runtime, merged)
+        state, card = collapse_learned(result, info, method, params, settings, seed, runtime,
+                                       data.with_train_batch_size(params.evaluate.batch_size), merged)
         seed_everything(seed)
-        train_job(job, params, flat, seed, runtime, state, card, tuned)
+        train_job(job, params, flat, seed, runtime, data.with_train_batch_size(job.settings.batch_size), state,
+                  card, tuned)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 from medmerge import distributed, layout
 from medmerge.config import Params, TrainSettings
 from medmerge.models import load_model_dir, save_model_dir, write_pointer_dir
-from medmerge.pipeline import model_state_cpu, split_predictions, test_metrics, train_classifier
+from medmerge.pipeline import TargetData, model_state_cpu, split_predictions, test_metrics, train_classifier
 from medmerge.predictions import write_predictions
 from medmerge.stage import (
     add_seed_argument,
@@ -87,11 +87,11 @@ def job_for(stage: str, name: str, seed: int, params: Params) -> Job | None:
                {**tags, "source": name, "method": f"{stage}_{name}"}, linear_probe=stage == "lpft")
 
 
-def train_job(job: Job, params: Params, flat: dict, seed: int, runtime, init_state: dict, init_card: dict,
-              out: Path) -> None:
-    """Train ``job`` from ``init_state`` under its own MLflow run; write the model directory to ``out`` (with
-    predictions.csv on the target task, the test metrics logged for a source task)."""
-    data = stage_dataset(params, job.dataset, job.settings.batch_size, runtime, seed=seed)
+def train_job(job: Job, params: Params, flat: dict, seed: int, runtime, data: TargetData, init_state: dict,
+              init_card: dict, out: Path) -> None:
+    """Train ``job`` from ``init_state`` on ``data`` (``job.dataset``, batched by ``job.settings``) under its own
+    MLflow run; write the model directory to ``out`` (with predictions.csv on the target task, the test
+    metrics logged for a source task)."""
     with stage_run(job.stage, params.mlflow.experiment, flat, params.mlflow.tracking_uri,
                    run_name=job.label, tags=job.tags) as tracker:
         tracker.log_dataset(layout.processed_dir(job.dataset), job.dataset, TRAINING_SPLITS)
@@ -133,9 +133,10 @@ def main() -> None:
     maybe_relaunch(params, "stages.train", sys.argv[1:])  # device.processes > 1: rerun under torchrun
     runtime = stage_runtime(params)
     seed_everything(args.seed)
+    data = stage_dataset(params, job.dataset, job.settings.batch_size, runtime, seed=args.seed)
     init_state, init_card = load_model_dir(job.init_dir)
     with stage_output(job.out_dir) as out:
-        train_job(job, params, flat, args.seed, runtime, init_state, init_card, out)
+        train_job(job, params, flat, args.seed, runtime, data, init_state, init_card, out)
 
 
 if __name__ == "__main__":

@@ -276,3 +276,18 @@ def test_fit_runs_with_a_one_step_warm_up(epochs: int) -> None:
                   ArrayBatches(images, labels, 48, shuffle=True), ArrayBatches(images, labels, 64), transform,
                   epochs=epochs, num_classes=2)
     assert len(history.epochs) == epochs and all(math.isfinite(e.train_loss) for e in history.epochs)
+
+
+def test_rebatching_the_training_split_starts_it_afresh() -> None:
+    """``TargetData.with_train_batch_size`` after a used loader gives the batches a newly opened split would:
+    the merge stage opens the target once for its three steps."""
+    from medmerge.pipeline import TargetData
+
+    images, labels = toy_data()
+    opened = lambda batch: ArrayBatches(images, labels, batch, shuffle=True, seed=3, drop_last=True)  # noqa: E731
+    data = TargetData(opened(16), ArrayBatches(images, labels, 64), ArrayBatches(images, labels, 64), ["a", "b"])
+    list(data.train)  # one epoch drawn: a reused loader would continue with epoch 2's order
+    again = data.with_train_batch_size(24)
+    assert again.val is data.val and again.train.batch_size == 24 and again.train.drop_last
+    assert [b[1].tolist() for b in again.train] == [b[1].tolist() for b in opened(24)]
+    assert not data.with_train_batch_size(len(labels)).train.drop_last  # one batch holds the whole split
