@@ -92,8 +92,9 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
         if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them
             return result, info
         summary = merge.layer_summary()
-        save_file(merge.coefficient_tensors(), out / "coefficients.safetensors",
-                  metadata={"sources": ",".join(names), "method": settings.method, "granularity": merge.granularity})
+        # one metadata key: safetensors writes several in a random order, and the file would change every run
+        # (method and granularity are in merge.json)
+        save_file(merge.coefficient_tensors(), out / "coefficients.safetensors", metadata={"sources": ",".join(names)})
         save_file(merge_state_to_save(merge), out / "merge_state.safetensors")
         if permutations:
             save_permutations(permutations, out / "permutations.safetensors")
