@@ -3,8 +3,7 @@
 
 For each number of images (default 1,000 and 10,000) and each number of decoding workers (default 1 and
 all cores) one fresh child process runs both steps as the stages do (importing what the two stage scripts import:
-``medmerge.stage``, which leaves torch unimported; the stages' ``load_params`` still imports it, through the
-weight-origin check, a constant ~500 MB) and reports its wall times, CPU time and peak RSS: of the main process (``ru_maxrss``), and
+``medmerge.stage`` and ``load_params``, which leave torch unimported) and reports its wall times, CPU time and peak RSS: of the main process (``ru_maxrss``), and
 the largest peak (``VmHWM``) among its descendant processes (the decoding workers). The folder is
 fabricated fast: a few distinct JPEGs, each written many times (the duplicates check of prepare sees the
 repeats; it does not change the cost). Everything is removed afterwards.

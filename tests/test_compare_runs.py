@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
+from repo_harness import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
 COLUMNS = ["method", "kind", "seeds", "f1_macro_mean", "f1_macro_std", "diff", "t_low", "t_high", "boot_low",
            "boot_high", "verdict"]
 
 
 @pytest.fixture(scope="module")
 def compare_runs():
-    spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_runs")
 
 
 def make_run(root: Path, data_md5: str, verdicts: dict[str, str]) -> Path:

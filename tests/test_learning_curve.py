@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "learning_curve.py"
+from repo_harness import load_script
 
 
 @pytest.fixture(scope="module")
 def learning_curve():
-    spec = importlib.util.spec_from_file_location("learning_curve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("learning_curve")
 
 
 def run(name: str, timestamp: str, fraction: float | None, f1: float, error: dict | None = None) -> dict:
