@@ -239,7 +239,8 @@ def run(main: Callable[[], None]) -> None:
 
     In a multi-process run every process waits for the others (rank 0 writes the outputs) before leaving
     the process group. Once the stage has succeeded, its resume checkpoints (:func:`stage_resume`) are
-    removed; a failed or killed stage keeps them for its rerun.
+    removed; a failed or killed stage keeps them for its rerun. A stage run as a script then ends without
+    the interpreter's teardown (:func:`exit_without_teardown`).
     """
     setup_logging()
     limit_threads()
@@ -255,6 +256,29 @@ def run(main: Callable[[], None]) -> None:
     finally:
         if (distributed := _distributed()) is not None:
             distributed.cleanup()
+    if getattr(main, "__module__", None) == "__main__":
+        exit_without_teardown()
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """End a stage process that has finished its work, skipping the interpreter's teardown.
+
+    Tearing down torch, timm and MLflow (about 4,500 modules) takes 2 to 3 s per process and writes nothing.
+    What a normal exit does that matters still happens first: other threads are joined, the ``atexit``
+    handlers run (logging and MLflow flush and close), and stdout and stderr are flushed. :func:`run` calls it
+    only for a stage run as a script (``python -m stages.<name>``), never for a ``main`` called in-process.
+    """
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def limit_threads() -> None:

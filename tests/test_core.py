@@ -247,20 +247,18 @@ def test_data_stages_run_without_torch(tmp_path: Path) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["datasets"]["lesions"]["options"].update(n_train=8, n_val=4, n_test=4, image_size=16)
     root = copy_repo(tmp_path, params)
+    # a stage run as a script ends with os._exit after its atexit handlers: the check is one of them
     code = (
-        "import runpy, sys\n"
-        "for stage in ('fetch_data', 'prepare'):\n"
-        "    sys.argv = [stage, 'lesions']\n"
-        "    try:\n"
-        "        runpy.run_module(f'stages.{stage}', run_name='__main__')\n"
-        "    except SystemExit as exit:\n"
-        "        assert not exit.code, f'{stage} failed'\n"
-        "print(sorted(name for name in ('torch', 'timm', 'mlflow') if name in sys.modules))\n"
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print(sorted(m for m in ('torch', 'timm', 'mlflow') if m in sys.modules)))\n"
+        "sys.argv = [sys.argv[1], 'lesions']\n"
+        "runpy.run_module(f'stages.{sys.argv[0]}', run_name='__main__')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=stage_env(), capture_output=True,
-                         text=True, check=True)
-    assert (root / "data" / "processed" / "lesions").is_dir(), out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr
+    for stage in ("fetch_data", "prepare"):
+        out = subprocess.run([sys.executable, "-c", code, stage], cwd=root, env=stage_env(), capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "[]", (stage, out.stderr)
+    assert (root / "data" / "processed" / "lesions").is_dir()
 
 
 @pytest.mark.parametrize("epochs", [9, 10, 11])
@@ -291,3 +289,35 @@ def test_rebatching_the_training_split_starts_it_afresh() -> None:
     assert again.val is data.val and again.train.batch_size == 24 and again.train.drop_last
     assert [b[1].tolist() for b in again.train] == [b[1].tolist() for b in opened(24)]
     assert not data.with_train_batch_size(len(labels)).train.drop_last  # one batch holds the whole split
+
+
+def test_a_stage_script_exits_after_its_threads_and_exit_handlers(tmp_path: Path) -> None:
+    """``run(main)`` of a script skips the interpreter's teardown, but not what a normal exit guarantees:
+    other threads finish, ``atexit`` handlers run and buffered output reaches stdout; the exit code is 0."""
+    import subprocess
+    import sys
+
+    from repo_harness import REPO
+
+    script = tmp_path / "stage_like.py"
+    script.write_text(
+        "import atexit, sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from medmerge.stage import run\n"
+        "def late_write():\n"
+        "    time.sleep(0.3)\n"
+        "    Path(sys.argv[1]).write_text('written')\n"
+        "def main():\n"
+        "    threading.Thread(target=late_write).start()\n"
+        "    atexit.register(lambda: print('exit handler ran'))\n"
+        "    sys.stdout.write('buffered, no newline')\n"
+        "if __name__ == '__main__':\n"
+        "    run(main)\n"
+        "    print('not reached: run() ended the process')\n"
+    )
+    marker = tmp_path / "marker.txt"
+    out = subprocess.run([sys.executable, str(script), str(marker)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert marker.read_text() == "written"
+    assert out.stdout == "buffered, no newlineexit handler ran\n"
