@@ -3,7 +3,8 @@
 Each run is a repository directory after ``dvc repro`` (e.g. the same commit on two machines, or on one
 machine with another instruction set). Prints Markdown: the ``dvc.lock`` hashes of the outputs under
 ``data/`` and ``models/sources`` (equal or different), then one row per method of ``reports/comparison.csv``
-with each run's mean, paired difference, both intervals and verdict, and how many verdicts agree.
+with each run's mean, paired difference, both intervals and verdict, whether each run's Δ lies inside the
+other run's t interval (what "within the report's intervals" means for two runs), and how many verdicts agree.
 
     python scripts/compare_runs.py ../run-native ../run-avx2 --labels native AVX2
 """
@@ -49,6 +50,13 @@ def _cell(row: dict[str, str], metric: str) -> str:
     return f"{mean} | {difference} | {row['verdict']}"
 
 
+def inside_each_other(a: dict[str, str], b: dict[str, str]) -> bool | None:
+    """Whether each run's mean difference lies inside the other run's t interval; None for the reference."""
+    if "reference" in (a["verdict"], b["verdict"]) or "" in (a["t_low"], b["t_low"]):
+        return None
+    return all(float(y["t_low"]) <= float(x["diff"]) <= float(y["t_high"]) for x, y in ((a, b), (b, a)))
+
+
 def compare(first: Path, second: Path, labels: tuple[str, str], metric: str = "f1_macro") -> tuple[str, int, int]:
     """The Markdown comparison of two runs; the number of methods whose verdicts agree, and of methods."""
     lines = ["| output | " + " | ".join(labels) + " | |", "|---|---|---|---|"]
@@ -58,16 +66,23 @@ def compare(first: Path, second: Path, labels: tuple[str, str], metric: str = "f
         lines.append(f"| `{path}` | `{a}` | `{b}` | {'equal' if a == b else '**different**'} |")
     rows = comparison_rows(first), comparison_rows(second)
     lines += ["", f"| method | {labels[0]} {metric} | {labels[0]} Δ | {labels[0]} verdict | {labels[1]} {metric} | "
-              f"{labels[1]} Δ | {labels[1]} verdict | agree |", "|---|---:|---|---|---:|---|---|---|"]
-    agree = 0
+              f"{labels[1]} Δ | {labels[1]} verdict | each Δ in the other's t | agree |",
+              "|---|---:|---|---|---:|---|---|---|---|"]
+    agree, inside, compared = 0, 0, 0
     methods = [m for m in rows[0] if m in rows[1]]
     for method in methods:
-        same = rows[0][method]["verdict"] == rows[1][method]["verdict"]
+        a, b = rows[0][method], rows[1][method]
+        same = a["verdict"] == b["verdict"]
         agree += same
-        lines.append(f"| {method} | {_cell(rows[0][method], metric)} | {_cell(rows[1][method], metric)} | "
-                     f"{'yes' if same else '**no**'} |")
+        covered = inside_each_other(a, b)
+        if covered is not None:
+            compared += 1
+            inside += covered
+        lines.append(f"| {method} | {_cell(a, metric)} | {_cell(b, metric)} | "
+                     f"{'—' if covered is None else 'yes' if covered else '**no**'} | {'yes' if same else '**no**'} |")
     only = sorted(set(rows[0]) ^ set(rows[1]))
-    lines += ["", f"Verdicts agree for {agree} of {len(methods)} methods."]
+    lines += ["", f"Verdicts agree for {agree} of {len(methods)} methods; each run's Δ lies inside the other's "
+              f"t interval for {inside} of {compared}."]
     if only:
         lines.append(f"In one run only: {', '.join(only)}.")
     return "\n".join(lines) + "\n", agree, len(methods)

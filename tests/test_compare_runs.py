@@ -18,7 +18,7 @@ def compare_runs():
     return load_script("compare_runs")
 
 
-def make_run(root: Path, data_md5: str, verdicts: dict[str, str]) -> Path:
+def make_run(root: Path, data_md5: str, verdicts: dict[str, str], diff: float = -0.05) -> Path:
     lock = {"schema": "2.0", "stages": {
         "fetch_data@lesions": {"cmd": "x", "outs": [{"path": "data/raw/lesions", "md5": data_md5}]},
         "pretrain@imagenet-0": {"cmd": "x", "outs": [{"path": "models/pretrained/seed_0/imagenet", "md5": root.name}]},
@@ -33,7 +33,7 @@ def make_run(root: Path, data_md5: str, verdicts: dict[str, str]) -> Path:
                          "boot_high": 0.0, "verdict": "reference"})
         for method, verdict in verdicts.items():
             writer.writerow({"method": method, "kind": "merge", "seeds": 3, "f1_macro_mean": 0.65,
-                             "f1_macro_std": 0.02, "diff": -0.05, "t_low": -0.1, "t_high": 0.01, "boot_low": -0.07,
+                             "f1_macro_std": 0.02, "diff": diff, "t_low": diff - 0.05, "t_high": diff + 0.06, "boot_low": -0.07,
                              "boot_high": -0.02, "verdict": verdict})
     return root
 
@@ -46,7 +46,15 @@ def test_counts_agreeing_verdicts_and_compares_only_cpu_independent_hashes(compa
     assert "| `data/raw/lesions` | `same` | `same` | equal |" in text
     assert "models/pretrained" not in text  # trained models may differ between CPUs; only data and sources count
     assert "| medmerge |" in text and text.count("**no**") == 1
-    assert "Verdicts agree for 2 of 3 methods." in text
+    assert "Verdicts agree for 2 of 3 methods; each run's Δ lies inside the other's t interval for 2 of 2." in text
+
+
+def test_a_mean_outside_the_other_runs_interval_is_flagged(compare_runs, tmp_path: Path) -> None:
+    first = make_run(tmp_path / "a", "same", {"medmerge": "worse"}, diff=-0.05)
+    second = make_run(tmp_path / "b", "same", {"medmerge": "worse"}, diff=-0.12)  # its interval: [-0.17, -0.06]
+    text, agree, _ = compare_runs.compare(first, second, ("a", "b"))
+    assert agree == 2 and "| **no** | yes |" in text
+    assert "inside the other's t interval for 0 of 1." in text
 
 
 def test_different_data_hashes_and_methods_in_one_run_only_are_shown(compare_runs, tmp_path: Path) -> None:
