@@ -15,10 +15,10 @@ blend step is then:
   ``W = W_base + w * (W_other - W_base)``) or one multiply-add per source;
 * the merged tensors are views of the one output buffer (``narrow`` + ``view``).
 
-Its backward (:class:`FlatBlend`) concatenates the merged tensors' gradients into one buffer and takes each
-row's dot product with the difference (or each source): per bucket one batched matrix product. The kernel count
+Its backward (:class:`FlatBlend`) concatenates the merged tensors' gradients into one buffer, multiplies it
+by the difference (or each source) and sums each row: per bucket a multiply and a row sum. The kernel count
 depends on the number of distinct row lengths (about 10 for a ResNet, 30 for an EfficientNet), not on the
-depth of the network. On the CPU the output and gradient buffers are kept between steps, so a step
+depth of the network. On the CPU the output, gradient and scratch buffers are kept between steps, so a step
 does not page in fresh memory for them.
 """
 
@@ -221,7 +221,7 @@ class _Lease:
 
 
 class BlendBuffers:
-    """The output and gradient vectors a blend reuses from step to step (one of each).
+    """The output, gradient and scratch vectors a blend reuses from step to step (one of each).
 
     The output is *lent* to the merged tensors of one forward until that forward's backward has run (its
     consumers are done with them by then) or its graph is dropped; a second forward in the meantime (two
@@ -308,22 +308,18 @@ class FlatBlend(torch.autograd.Function):
         torch.cat([p.flatten(g) for p, g in zip(layout.placements, grads, strict=True)], out=grad)
         grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[1] else None
         grad_sources = [torch.empty_like(s) if ctx.needs_input_grad[2 + i] else None for i, s in enumerate(sources)]
+        scratch = plan.vector("scratch", grad) if plan.base is None and grad_rows is not None else None
         for bucket in layout.buckets:
             g = bucket.matrix(grad)
             span = slice(bucket.row_start, bucket.row_stop)
             if plan.base is not None:
-                if grad_rows is not None:
-                    row_dots(g, bucket.matrix(plan.difference), out=grad_rows[0, span])
+                if grad_rows is not None:  # in place: nothing else reads the gradient buffer
+                    torch.sum(g.mul_(bucket.matrix(plan.difference)), dim=1, out=grad_rows[0, span])
                 continue
             for index, source in enumerate(sources):
                 if grad_sources[index] is not None:
                     torch.mul(g, rows[index, span, None], out=bucket.matrix(grad_sources[index]))
                 if grad_rows is not None:
-                    row_dots(g, bucket.matrix(source), out=grad_rows[index, span])
+                    product = torch.mul(g, bucket.matrix(source), out=bucket.matrix(scratch))
+                    torch.sum(product, dim=1, out=grad_rows[index, span])
         return (None, grad_rows, *grad_sources)
-
-
-def row_dots(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    """``out[r] = a[r] · b[r]`` for ``(R, K)`` matrices, as one batched matrix product: it reads each matrix
-    once and writes no ``(R, K)`` product (a multiply and a row sum would write and read one more)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2), out=out.view(-1, 1, 1))
