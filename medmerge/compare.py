@@ -44,6 +44,16 @@ class PairedDifference:
         return asdict(self)
 
 
+def score(labels: np.ndarray, predicted: np.ndarray, num_classes: int, metric: str) -> float:
+    """``metric`` (a key of ``CONFUSION_METRICS``) of the predicted classes against ``labels``."""
+    return float(CONFUSION_METRICS[metric](confusion_matrix(labels, predicted, num_classes)))
+
+
+def choose_reference(validation: Mapping[str, float], baselines: Sequence[str]) -> str:
+    """The baseline with the best validation score (the first listed on a tie)."""
+    return max(baselines, key=lambda name: validation[name])
+
+
 def t_interval(differences: Sequence[float], confidence: float) -> tuple[float, float]:
     """Student's t interval of the mean of ``differences``; NaN bounds for fewer than two values."""
     values = np.asarray(differences, dtype=np.float64)
@@ -91,9 +101,8 @@ def paired_difference(name: str, method: Predicted, reference_name: str, referen
     if name == reference_name:
         return PairedDifference(name, reference_name, metric, len(seeds), 0.0, 0.0, 0.0, 0.0, 0.0, REFERENCE)
     method, reference = {s: method[s] for s in seeds}, {s: reference[s] for s in seeds}
-    score = CONFUSION_METRICS[metric]
-    per_seed = [float(score(confusion_matrix(labels, method[s], num_classes))
-                      - score(confusion_matrix(labels, reference[s], num_classes))) for s in seeds]
+    per_seed = [score(labels, method[s], num_classes, metric) - score(labels, reference[s], num_classes, metric)
+                for s in seeds]
     t_low, t_high = t_interval(per_seed, confidence)
     boot = bootstrap_differences(method, reference, labels, num_classes, metric, weights)
     alpha = (1.0 - confidence) / 2

@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 
 from medmerge import layout
-from medmerge.compare import paired_difference, resample_weights
+from medmerge.compare import choose_reference, paired_difference, resample_weights, score
 from medmerge.config import Params
 from medmerge.data.prepare import load_split
 from medmerge.io import atomic_directory, write_json
 from medmerge.methods import get_method
-from medmerge.metrics import CONFUSION_METRICS, confusion_matrix, reported_metrics, scalar_metrics
+from medmerge.metrics import confusion_matrix, reported_metrics, scalar_metrics
 from medmerge.plots import plot_comparison, plot_confusion, plot_differences, plot_layerwise
 from medmerge.predictions import SplitPredictions, class_names, read_predictions
 from medmerge.registry import best_model, register_best_model
@@ -131,8 +131,7 @@ def main() -> None:
             test, val = predictions[method.name][seed]["test"], predictions[method.name][seed]["val"]
             result = scalar_metrics(test.labels, test.probabilities, scalars)
             confusion = confusion_matrix(test.labels, test.predicted, len(classes))
-            val_score = float(CONFUSION_METRICS[settings.metric](confusion_matrix(val.labels, val.predicted,
-                                                                                  len(classes))))
+            val_score = score(val.labels, val.predicted, len(classes), settings.metric)
             rows.append({"method": method.name, "kind": method.kind, "seed": seed, **result,
                          f"val_{settings.metric}": val_score})
             per_class = [2 * confusion[k, k] / max(confusion[k].sum() + confusion[:, k].sum(), 1)
@@ -142,7 +141,7 @@ def main() -> None:
                 "confusion_matrix": confusion.tolist()}
     per_seed = pd.DataFrame(rows)
     validation = per_seed.groupby("method", sort=False)[f"val_{settings.metric}"].mean()
-    reference = max((m.name for m in methods if m.baseline), key=lambda name: validation[name])
+    reference = choose_reference(validation, [m.name for m in methods if m.baseline])
     weights = resample_weights(len(test_labels), settings.bootstrap, settings.bootstrap_seed)
     predicted = {name: {seed: splits["test"].predicted for seed, splits in by_seed.items()}
                  for name, by_seed in predictions.items()}

@@ -13,6 +13,7 @@ from medmerge.compare import (
     SAME,
     WORSE,
     bootstrap_differences,
+    choose_reference,
     paired_difference,
     resample_weights,
     t_interval,
@@ -91,3 +92,9 @@ def test_identical_predictions_give_zero_bootstrap_differences() -> None:
     labels, predicted = _labels_and_predictions(5)
     weights = resample_weights(len(labels), 50, seed=2)
     assert not bootstrap_differences({0: predicted}, {0: predicted}, labels, 4, "accuracy", weights).any()
+
+
+def test_the_reference_is_the_best_baseline_on_validation_and_the_first_on_a_tie() -> None:
+    validation = {"ft_a": 0.70, "lpft_a": 0.72, "ft_b": 0.72, "merge": 0.90}
+    assert choose_reference(validation, ["ft_a", "lpft_a", "ft_b"]) == "lpft_a"  # the merge is not a baseline
+    assert choose_reference(validation, ["ft_b", "lpft_a"]) == "ft_b"
