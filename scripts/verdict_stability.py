@@ -87,16 +87,16 @@ def stability_table(first: Verdicts, second: Verdicts, labels: tuple[str, str]) 
     for size in sorted({len(subset) for subset in first}):
         subsets = [s for s in first if len(s) == size and s in second]
         flipped: Counter[str] = Counter()
-        agreeing = []
+        agreeing, shared = [], 0
         for subset in subsets:
-            methods = [m for m in first[subset] if m in second[subset]]
+            methods = [m for m in first[subset] if m in second[subset]]  # the methods both runs compare
             differ = [m for m in methods if first[subset][m] != second[subset][m]]
             flipped.update(differ)
             agreeing.append(len(methods) - len(differ))
-        every = sum(count == len(first[s]) for count, s in zip(agreeing, subsets, strict=True))
+            shared = len(methods)
+        every = sum(count == shared for count in agreeing)
         named = ", ".join(f"{m} ({n})" for m, n in flipped.most_common()) or "none"
-        lines.append(f"| {size} | {len(subsets)} | {every} | {np.mean(agreeing):.1f} of {len(first[subsets[0]])} "
-                     f"| {named} |")
+        lines.append(f"| {size} | {len(subsets)} | {every} | {np.mean(agreeing):.1f} of {shared} | {named} |")
     return "\n".join(lines) + "\n"
 
 

@@ -59,3 +59,10 @@ def test_the_table_counts_subsets_where_every_verdict_agrees_and_names_what_flip
     rows = [line for line in table.splitlines() if line.startswith("| 2 ") or line.startswith("| 3 ")]
     assert rows[0] == "| 2 | 3 | 1 | 2.0 of 3 | merge (2), average (1) |"
     assert rows[1] == "| 3 | 1 | 1 | 3.0 of 3 | none |"
+
+
+def test_a_method_only_one_run_compares_is_left_out_of_the_agreement(stability) -> None:
+    first = {(0, 1): {"ft": "reference", "merge": "worse", "extra": "better"}}
+    second = {(0, 1): {"ft": "reference", "merge": "worse"}}
+    row = stability.stability_table(first, second, ("a", "b")).splitlines()[2]
+    assert row == "| 2 | 1 | 1 | 2.0 of 2 | none |"
