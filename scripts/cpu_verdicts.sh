@@ -3,10 +3,16 @@
 #
 #   NPY_DISABLE_CPU_FEATURES="AVX512_SPR AVX512_ICL X86_V4" ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 \
 #       MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell dvc repro        # in the AVX2 clone
-#   scripts/cpu_verdicts.sh NATIVE_CLONE AVX2_CLONE > benchmarks/cpu_verdicts.md
+#   scripts/cpu_verdicts.sh NATIVE_CLONE AVX2_CLONE [NATIVE_MORE AVX2_MORE] > benchmarks/cpu_verdicts.md
+#
+# The reports side by side come from the first two clones; the verdicts over seed subsets from the last two
+# (copies of the first two with more seeds added to `seeds` and `dvc repro` run again), else the first two.
 set -euo pipefail
-native=${1:?usage: scripts/cpu_verdicts.sh NATIVE_CLONE AVX2_CLONE}
-avx2=${2:?usage: scripts/cpu_verdicts.sh NATIVE_CLONE AVX2_CLONE}
+usage="usage: scripts/cpu_verdicts.sh NATIVE_CLONE AVX2_CLONE [NATIVE_MORE AVX2_MORE]"
+native=${1:?$usage}
+avx2=${2:?$usage}
+native_more=${3:-$native}
+avx2_more=${4:-$avx2}
 here=$(cd "$(dirname "$0")" && pwd)
 commit() { git -C "$1" log -1 --format=%h; }
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
@@ -46,7 +52,8 @@ cat <<EOF
 
 From \`scripts/verdict_stability.py\`: each run's comparison recomputed, exactly as \`evaluate\` computes it,
 on every subset of the seeds (a subset is what a run with those \`seeds\` reports: the per-seed stages do
-not depend on the list), and the two runs' verdicts compared per subset.
+not depend on the list), and the two runs' verdicts compared per subset. Seeds: native $(seeds "$native_more"),
+AVX2 $(seeds "$avx2_more")$([ "$native_more" = "$native" ] || echo "; these two clones are copies of the two above with seeds added").
 
 EOF
-python "$here/verdict_stability.py" "$native" "$avx2" --labels native AVX2
+python "$here/verdict_stability.py" "$native_more" "$avx2_more" --labels native AVX2
