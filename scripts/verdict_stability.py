@@ -21,6 +21,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,6 +35,15 @@ Splits = Mapping[str, Mapping[int, Mapping[str, object]]]  # method -> seed -> s
 Verdicts = dict[tuple[int, ...], dict[str, str]]  # seed subset -> method -> verdict
 
 
+class Run(NamedTuple):
+    """One run's predictions of every evaluated method, its baselines' names, seeds and evaluate settings."""
+
+    predictions: Splits
+    baselines: list[str]
+    seeds: list[int]
+    settings: EvaluateSettings
+
+
 @contextlib.contextmanager
 def inside(root: Path) -> Iterator[None]:
     """Run with ``root`` as the working directory (the pipeline's paths are relative to the repository)."""
@@ -45,8 +55,8 @@ def inside(root: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
-def load_run(root: Path) -> tuple[Splits, list[str], list[int], EvaluateSettings]:
-    """A run's predictions of every evaluated method, its baselines' names, its seeds and evaluate settings."""
+def load_run(root: Path) -> Run:
+    """The run in repository directory ``root``, as ``evaluate`` reads it."""
     from stages.evaluate import evaluated_methods, gather_predictions
 
     if not (root / "params.yaml").is_file():
@@ -55,7 +65,7 @@ def load_run(root: Path) -> tuple[Splits, list[str], list[int], EvaluateSettings
         params = load_params("params.yaml")
         methods = evaluated_methods(params)
         predictions = gather_predictions(methods, list(params.seeds))
-    return predictions, [m.name for m in methods if m.baseline], list(params.seeds), params.evaluate
+    return Run(predictions, [m.name for m in methods if m.baseline], list(params.seeds), params.evaluate)
 
 
 def subset_verdicts(predictions: Splits, baselines: Sequence[str], subsets: Sequence[tuple[int, ...]],
@@ -66,11 +76,12 @@ def subset_verdicts(predictions: Splits, baselines: Sequence[str], subsets: Sequ
     labels = {split: first[seed][split].labels for split in ("val", "test")}
     num_classes = first[seed]["test"].logits.shape[1]
     weights = resample_weights(len(labels["test"]), settings.bootstrap, settings.bootstrap_seed)
+    val_scores = {name: {s: score(labels["val"], splits["val"].predicted, num_classes, settings.metric)
+                         for s, splits in by_seed.items()}
+                  for name, by_seed in predictions.items()}  # once per model, not once per subset
     verdicts: Verdicts = {}
     for subset in subsets:
-        validation = {name: float(np.mean([score(labels["val"], by_seed[s]["val"].predicted, num_classes,
-                                                 settings.metric) for s in subset]))
-                      for name, by_seed in predictions.items()}
+        validation = {name: float(np.mean([by_seed[s] for s in subset])) for name, by_seed in val_scores.items()}
         reference = choose_reference(validation, baselines)
         test = {name: {s: by_seed[s]["test"].predicted for s in subset} for name, by_seed in predictions.items()}
         verdicts[subset] = {
@@ -108,13 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seeds", type=int, default=2, help="the smallest subset size (default 2)")
     args = parser.parse_args(argv)
     runs = [load_run(root.resolve()) for root in (args.first, args.second)]
-    seeds = sorted(set(runs[0][2]) & set(runs[1][2]))
+    seeds = sorted(set(runs[0].seeds) & set(runs[1].seeds))
     if len(seeds) < args.min_seeds:
         raise SystemExit(f"the runs share {len(seeds)} seeds ({seeds}); --min-seeds is {args.min_seeds}")
     subsets = [s for k in range(args.min_seeds, len(seeds) + 1) for s in itertools.combinations(seeds, k)]
-    settings = runs[0][3]
-    verdicts = [subset_verdicts(predictions, baselines, subsets, settings)
-                for predictions, baselines, _, _ in runs]
+    settings = runs[0].settings
+    verdicts = [subset_verdicts(run.predictions, run.baselines, subsets, settings) for run in runs]
     sys.stdout.write(f"Seeds both runs have: {seeds}; metric {settings.metric}, {settings.confidence:.0%} "
                      "intervals.\n\n" + stability_table(*verdicts, tuple(args.labels)))
     return 0
