@@ -26,9 +26,25 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+TIMEOUT_S = 900
+TAIL_CHARS = 6000
+
+
+def tail(text: str | bytes | None) -> str:
+    """The last :data:`TAIL_CHARS` characters of a captured stream."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return (text or "")[-TAIL_CHARS:]
+
+
 def run(args: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command; on failure (with ``check``) the assertion shows its whole output."""
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    """Run a command; on failure (with ``check``) the assertion shows its whole output, and a command still
+    running after :data:`TIMEOUT_S` seconds fails with the end of what it printed (where it stopped)."""
+    try:
+        result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as timeout:
+        raise AssertionError(f"{' '.join(args)} still running after {TIMEOUT_S} s; it printed, last:\n"
+                             f"{tail(timeout.stdout)}\n--- stderr, last:\n{tail(timeout.stderr)}") from None
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

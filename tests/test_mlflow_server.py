@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from repo_harness import copy_repo, init_and_repro, run, stage_env
+from repo_harness import copy_repo, init_and_repro, run, stage_env, tail
 from test_pipeline import tiny_params
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                "--serve-artifacts", "--artifacts-destination", str(base / "artifacts"),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     log = open(base / "server.log", "w")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(command, env=stage_env(), stdout=log, stderr=subprocess.STDOUT)
+    # The server's background job scheduler (huey, polling the same SQLite file every minute) serves no
+    # tracking request: off, so that nothing but the stages' requests touches the database.
+    env = {**stage_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -48,7 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError("mlflow server did not start:\n" + (base / "server.log").read_text()) from None
             time.sleep(1)
-    yield uri, base / "artifacts"
+    yield uri, base / "artifacts", base / "server.log"
     process.terminate()
     process.wait(timeout=30)
     log.close()
@@ -56,13 +59,19 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def repo(server, tmp_path_factory: pytest.TempPathFactory):
-    uri, _ = server
+    uri, _, server_log = server
     params = tiny_params()
     params.update(seeds=[0], baselines=["ft"], methods={"medmerge": {"method": "medmerge"}})
     params["mlflow"]["registered_model"] = MODEL_NAME
     root = copy_repo(tmp_path_factory.mktemp("pipeline-http"), params)
-    env = {**stage_env(), "MLFLOW_TRACKING_URI": uri}
-    init_and_repro(root, env, "tiny pipeline against an MLflow server")
+    # A request the server does not answer fails the stage within minutes, naming it, instead of retrying
+    # with back-off (MLflow's defaults: 7 retries, 120 s each) until the test's timeout.
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+    try:
+        init_and_repro(root, env, "tiny pipeline against an MLflow server")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n--- mlflow server log, last:\n{tail(server_log.read_text())}") from None
     return root, env
 
 
@@ -85,7 +94,7 @@ def pipeline_probabilities(model_dir: Path, images: np.ndarray) -> np.ndarray:
 def test_runs_experiment_and_artifacts_live_on_the_server(server, repo) -> None:
     from mlflow.tracking import MlflowClient
 
-    uri, artifacts = server
+    uri, artifacts, _ = server
     root, _ = repo
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("medmerge")
@@ -105,7 +114,7 @@ def test_registered_model_loads_over_http_and_predicts_as_the_pipeline(server, r
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri, _ = server
+    uri, _, _ = server
     root, _ = repo
     version = MlflowClient(uri).get_model_version(MODEL_NAME, "1")
     assert version.tags["method"] == "medmerge" and version.tags["seed"] == "0"
