@@ -293,7 +293,9 @@ def test_rebatching_the_training_split_starts_it_afresh() -> None:
 
 def test_a_stage_script_exits_after_its_threads_and_exit_handlers(tmp_path: Path) -> None:
     """``run(main)`` of a script skips the interpreter's teardown, but not what a normal exit guarantees:
-    other threads finish, ``atexit`` handlers run and buffered output reaches stdout; the exit code is 0."""
+    other threads finish, idle thread-pool workers are stopped (not waited for forever: MLflow's HTTP
+    artifact repository keeps a pool, and a stage that had downloaded through it hung), ``atexit`` handlers
+    run and buffered output reaches stdout; the exit code is 0."""
     import subprocess
     import sys
 
@@ -302,12 +304,15 @@ def test_a_stage_script_exits_after_its_threads_and_exit_handlers(tmp_path: Path
     script = tmp_path / "stage_like.py"
     script.write_text(
         "import atexit, sys, threading, time\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
         "from pathlib import Path\n"
         "from medmerge.stage import run\n"
+        "POOL = ThreadPoolExecutor(2)  # alive until exit, its workers idle\n"
         "def late_write():\n"
         "    time.sleep(0.3)\n"
         "    Path(sys.argv[1]).write_text('written')\n"
         "def main():\n"
+        "    POOL.submit(time.sleep, 0.01).result()\n"
         "    threading.Thread(target=late_write).start()\n"
         "    atexit.register(lambda: print('exit handler ran'))\n"
         "    sys.stdout.write('buffered, no newline')\n"
@@ -317,7 +322,7 @@ def test_a_stage_script_exits_after_its_threads_and_exit_handlers(tmp_path: Path
     )
     marker = tmp_path / "marker.txt"
     out = subprocess.run([sys.executable, str(script), str(marker)], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=60)
     assert out.returncode == 0, out.stderr
     assert marker.read_text() == "written"
     assert out.stdout == "buffered, no newlineexit handler ran\n"
