@@ -95,19 +95,15 @@ def stability_table(first: Verdicts, second: Verdicts, labels: tuple[str, str]) 
     """Markdown: per subset size, how often every verdict agrees between the runs and what flipped."""
     lines = [f"| seeds | subsets | every verdict agrees ({labels[0]} vs {labels[1]}) | verdicts that agree, "
              "mean | methods whose verdict differs (in how many subsets) |", "|---:|---:|---:|---:|---|"]
-    for size in sorted({len(subset) for subset in first}):
-        subsets = [s for s in first if len(s) == size and s in second]
-        flipped: Counter[str] = Counter()
-        agreeing, shared = [], 0
-        for subset in subsets:
-            methods = [m for m in first[subset] if m in second[subset]]  # the methods both runs compare
-            differ = [m for m in methods if first[subset][m] != second[subset][m]]
-            flipped.update(differ)
-            agreeing.append(len(methods) - len(differ))
-            shared = len(methods)
-        every = sum(count == shared for count in agreeing)
+    common = [subset for subset in first if subset in second]
+    methods = [m for m in first[common[0]] if m in second[common[0]]]  # both runs compare them, in every subset
+    for size in sorted({len(subset) for subset in common}):
+        subsets = [s for s in common if len(s) == size]
+        flipped = Counter(m for s in subsets for m in methods if first[s][m] != second[s][m])
+        agreeing = [sum(first[s][m] == second[s][m] for m in methods) for s in subsets]
         named = ", ".join(f"{m} ({n})" for m, n in flipped.most_common()) or "none"
-        lines.append(f"| {size} | {len(subsets)} | {every} | {np.mean(agreeing):.1f} of {shared} | {named} |")
+        lines.append(f"| {size} | {len(subsets)} | {agreeing.count(len(methods))} | {np.mean(agreeing):.1f} of "
+                     f"{len(methods)} | {named} |")
     return "\n".join(lines) + "\n"
 
 
