@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +13,49 @@ import torch
 log = logging.getLogger("medmerge.device")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: what ``device.cpu_kernels: portable`` sets before the first tensor operation: PyTorch's own vectorised
+#: kernels, oneDNN's convolutions and MKL's BLAS all on their AVX2 code paths (MKL in its conditional
+#: numerical reproducibility mode), so that every x86-64 CPU with AVX2 sums in the same order
+PORTABLE_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+CPU_KERNELS = ("portable", "native")
+
+
+class KernelChoiceError(RuntimeError):
+    """``device.cpu_kernels: portable`` came too late: PyTorch had already picked its kernels."""
+
+
+def hold_cpu_kernels(kernels: str, threads: int) -> str:
+    """Apply ``device.cpu_kernels`` and ``device.cpu_threads`` to this process; say what it trains with.
+
+    ``portable`` holds PyTorch, oneDNN and MKL to their AVX2 code paths (:data:`PORTABLE_CPU_ENV`), which
+    all three read once, at their first use: it must run before the process's first tensor operation (the
+    stages call it first thing, through ``stage_runtime``). ``native`` leaves the environment as it is: each
+    library picks the fastest code path of this CPU. ``threads`` > 0 sets torch's intra-op threads (the
+    order of the sums depends on it too); 0 leaves torch's default, one per core; ``MEDMERGE_THREADS``
+    overrides both.
+    """
+    if kernels not in CPU_KERNELS:
+        raise ValueError(f"device.cpu_kernels must be one of {', '.join(CPU_KERNELS)}, got {kernels!r}")
+    override = os.environ.get("MEDMERGE_THREADS")
+    if override:
+        threads = int(override)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    count = torch.get_num_threads()
+    if kernels == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"{kernels} CPU kernels ({torch.backends.cpu.get_cpu_capability()}), {count} threads"
+    os.environ.update(PORTABLE_CPU_ENV)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2":
+        if capability in ("DEFAULT", "NO AVX"):  # a CPU without AVX2 cannot run the portable kernels
+            log.warning("device.cpu_kernels: portable needs AVX2, which this CPU lacks: training with PyTorch's "
+                        "%s kernels, whose results differ from an AVX2 machine's", capability)
+            return f"{capability} CPU kernels (portable unavailable: no AVX2), {count} threads"
+        raise KernelChoiceError(
+            f"device.cpu_kernels is portable, but PyTorch had already chosen its {capability} kernels in this "
+            "process: hold_cpu_kernels must run before the first tensor operation")
+    return f"portable CPU kernels (AVX2), {count} threads"
 
 
 @dataclass(frozen=True)
@@ -21,6 +66,7 @@ class Runtime:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     compile: bool = False
+    compute: str = ""  # what the stage trains with, for the model cards (e.g. "portable CPU kernels (AVX2), 2 threads")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:

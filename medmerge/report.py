@@ -75,16 +75,31 @@ def comparison_markdown(summary: pd.DataFrame, metrics: Sequence[str] = SCALARS,
     return "\n".join(lines) + "\n"
 
 
+def hardware_sentence(computes: Sequence[str]) -> str:
+    """What the models were trained with (their cards' ``compute``), and what that means on another machine."""
+    if not computes:
+        return ""
+    if all(c.startswith("portable") for c in computes):
+        return (f" Every model was trained with {' and '.join(computes)}: any x86-64 CPU with AVX2 trains the "
+                "same bits, so this table is reproduced exactly there; a GPU, another kind of CPU or "
+                "`device.cpu_kernels: native` rounds differently, which moves the results as another training "
+                "run would (the t interval covers that).")
+    return (f" Models were trained with {'; '.join(computes)}: other hardware rounds differently, which moves the "
+            "results as another training run would (the t interval covers that).")
+
+
 def report_header(target: str, seeds: Sequence[int], reference: str, reference_val: float, metric: str,
-                  confidence: float, resamples: int, test_images: int, sources_as_given: Sequence[str] = ()) -> str:
-    """What the table shows and what each interval covers, in words."""
+                  confidence: float, resamples: int, test_images: int, sources_as_given: Sequence[str] = (),
+                  computes: Sequence[str] = ()) -> str:
+    """What the table shows, what it was trained with, and what each interval covers, in words."""
     name = HEADERS.get(metric, metric)
     given = (f" Sources used as given ({', '.join(sources_as_given)}) are the same in every seed, so no "
              "interval covers how they were made." if sources_as_given else "")
     return (
         f"Target `{target}`, test split ({test_images} images), seeds {', '.join(map(str, seeds))}. Each seed "
         "reruns everything the pipeline trains: the sources' pretraining, every baseline, every merge and its "
-        f"fine-tune.{given} Metrics: mean ± sample std over seeds; best mean per column in bold.\n\n"
+        f"fine-tune.{given}{hardware_sentence(computes)} Metrics: mean ± sample std over seeds; best mean per "
+        "column in bold.\n\n"
         f"Reference: `{reference}`, the single-source baseline with the best mean validation {name} "
         f"({reference_val:.3f}). Every method is compared with it paired, on the same seed and the same test "
         f"images: Δ is the mean over seeds of the per-seed difference in {name}; **t {confidence:.0%}** is "

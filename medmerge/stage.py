@@ -94,7 +94,9 @@ def stage_params() -> tuple[Params, dict]:
 
 
 def stage_runtime(params: Params) -> Runtime:
-    """The device, precision and layout that ``params.device`` asks for.
+    """The device, precision and layout that ``params.device`` asks for; on the CPU its kernels and threads
+    (``device.cpu_kernels``, ``device.cpu_threads``: :func:`medmerge.device.hold_cpu_kernels`), so a stage
+    calls it before its first tensor operation. ``Runtime.compute`` says what the stage trains with.
 
     In a process started by torchrun this also joins the process group (``medmerge.distributed.init``)
     and gives the process its own GPU.
@@ -102,14 +104,22 @@ def stage_runtime(params: Params) -> Runtime:
     import torch
 
     from medmerge import distributed
-    from medmerge.device import resolve_runtime
+    from medmerge.device import hold_cpu_kernels, resolve_runtime
 
     settings = params.device
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if settings.type == "auto" else settings.type
+    compute = None
+    if kind == "cpu":  # before any tensor operation: the kernel libraries choose their code paths once
+        # under torchrun each worker keeps the threads torchrun's launcher gave it (maybe_relaunch)
+        compute = hold_cpu_kernels(settings.cpu_kernels, 0 if distributed.launched() else settings.cpu_threads)
     if distributed.launched():  # join first: set_device must precede any CUDA query (or all use GPU 0)
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        distributed.init(auto if settings.type == "auto" else settings.type)
+        distributed.init(kind)
     runtime = resolve_runtime(settings.type, settings.mixed_precision, settings.channels_last, settings.compile)
-    return dataclasses.replace(runtime, device=distributed.device_for(runtime.device))
+    device = distributed.device_for(runtime.device)
+    if compute is None:
+        compute = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
+    log.info("training with %s", compute)
+    return dataclasses.replace(runtime, device=device, compute=compute)
 
 
 def torchrun_command(processes: int, module: str, argv: Sequence[str], nodes: int = 1, rdzv_endpoint: str = "",

@@ -2,7 +2,7 @@
 
 Each run is a repository directory after ``dvc repro`` (e.g. the same commit on two machines, or on one
 machine with another instruction set). Prints Markdown: the ``dvc.lock`` hashes of the outputs under
-``data/`` and ``models/sources`` (equal or different), then one row per method of ``reports/comparison.csv``
+``data/`` and ``models/sources`` (equal or different), how many of all its outputs hash equal, then one row per method of ``reports/comparison.csv``
 with each run's mean, paired difference, both intervals and verdict, whether each run's Δ lies inside the
 other run's t interval (what "within the report's intervals" means for two runs), and how many verdicts agree.
 
@@ -22,11 +22,23 @@ COMPARISON = Path("reports/comparison.csv")
 HASHED_PREFIXES = ("data/", "models/sources")  # what must be identical on every CPU (docs/reproducibility.md)
 
 
-def output_hashes(root: Path) -> dict[str, str]:
-    """``path -> md5`` of every out in ``root/dvc.lock`` under :data:`HASHED_PREFIXES`."""
+def output_hashes(root: Path, prefixes: tuple[str, ...] = HASHED_PREFIXES) -> dict[str, str]:
+    """``path -> md5`` of every out in ``root/dvc.lock`` under ``prefixes`` (all of them for ``("",)``)."""
     locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     return {out["path"]: out.get("md5", "") for stage in locked.values() for out in stage.get("outs", [])
-            if out["path"].startswith(HASHED_PREFIXES)}
+            if out["path"].startswith(prefixes)}
+
+
+def all_outputs_line(first: Path, second: Path) -> str:
+    """How many of the two runs' outputs (every out in ``dvc.lock``: models and reports too) hash equal."""
+    hashes = output_hashes(first, ("",)), output_hashes(second, ("",))
+    paths = sorted(set(hashes[0]) | set(hashes[1]))
+    different = [path for path in paths if hashes[0].get(path) != hashes[1].get(path)]
+    line = f"Every output in `dvc.lock` (trained models and reports included): {len(paths) - len(different)} of {len(paths)} equal"
+    if different:
+        shown = ", ".join(f"`{path}`" for path in different[:8])
+        line += f"; different: {shown}{f' and {len(different) - 8} more' if len(different) > 8 else ''}"
+    return line + "."
 
 
 def comparison_rows(root: Path) -> dict[str, dict[str, str]]:
@@ -64,6 +76,7 @@ def compare(first: Path, second: Path, labels: tuple[str, str], metric: str = "f
     for path in sorted(set(hashes[0]) | set(hashes[1])):
         a, b = hashes[0].get(path, "—"), hashes[1].get(path, "—")
         lines.append(f"| `{path}` | `{a}` | `{b}` | {'equal' if a == b else '**different**'} |")
+    lines += ["", all_outputs_line(first, second)]
     rows = comparison_rows(first), comparison_rows(second)
     lines += ["", f"| method | {labels[0]} {metric} | {labels[0]} Δ | {labels[0]} verdict | {labels[1]} {metric} | "
               f"{labels[1]} Δ | {labels[1]} verdict | each Δ in the other's t | agree |",

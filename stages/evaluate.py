@@ -27,9 +27,10 @@ from medmerge import layout
 from medmerge.compare import choose_reference, paired_difference, resample_weights, score
 from medmerge.config import Params
 from medmerge.data.prepare import load_split
-from medmerge.io import atomic_directory, write_json
+from medmerge.io import atomic_directory, read_json, write_json
 from medmerge.methods import get_method
 from medmerge.metrics import confusion_matrix, reported_metrics, scalar_metrics
+from medmerge.models.checkpoint import CARD_FILE
 from medmerge.plots import plot_comparison, plot_confusion, plot_differences, plot_layerwise
 from medmerge.predictions import SplitPredictions, class_names, read_predictions
 from medmerge.registry import best_model, register_best_model
@@ -103,6 +104,13 @@ def gather_predictions(methods: list[Evaluated], seeds: list[int]) -> dict[str, 
     return gathered
 
 
+def trained_with(methods: list[Evaluated], seeds: list[int]) -> list[str]:
+    """What the compared models were trained with, from their cards (``compute``), each description once."""
+    cards = [read_json(method.model_dir(seed) / CARD_FILE) for method in methods if method.model_dir
+             for seed in seeds]
+    return list(dict.fromkeys(card.get("compute") or "unrecorded hardware" for card in cards))
+
+
 def learned_layerwise(params: Params) -> dict[str, pd.DataFrame]:
     """For every merge whose method learns its coefficients (``medmerge``), its per-layer coefficients
     averaged over seeds."""
@@ -159,7 +167,8 @@ def main() -> None:
         metrics[row["method"]] = {**values, "verdict": row["verdict"]}
     given = [name for name, source in params.sources.items() if source.task is None]
     header = report_header(params.data.target, seeds, reference, float(validation[reference]), settings.metric,
-                           settings.confidence, settings.bootstrap, len(test_labels), given)
+                           settings.confidence, settings.bootstrap, len(test_labels), given,
+                           trained_with(methods, seeds))
     table = comparison_markdown(summary, scalars, settings.metric, settings.confidence)
     with atomic_directory(layout.REPORTS) as out:
         write_json(out / "metrics.json", metrics)

@@ -88,6 +88,7 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
             "normalization": merge.normalizer.name, "anchor": settings.anchor, "align": settings.align,
             "alignment": alignment, "train_sources": settings.train_sources,
             "best_val_f1_macro": result.val_f1, "mean_coefficient": merge.source_means(), **result.details,
+            "compute": runtime.compute,
         }
         if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them
             return result, info
@@ -122,7 +123,7 @@ def collapse_learned(result: MergeResult, info: dict, method: str, params: Param
             "task": params.data.target, "stage": "collapse", "method": method,
             "merge_method": settings.method, "sources": info["sources"], "seed": seed,
             "align": info["align"], "bn_recalibrated": settings.bn_recalibration, "repaired": settings.repair,
-            "input": model_input(info["arch"], params.data.target)}
+            "input": model_input(info["arch"], params.data.target), "compute": runtime.compute}
     state = model_state_cpu(model)
     if distributed.is_main():
         save_model_dir(out, state, card)

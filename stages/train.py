@@ -110,7 +110,7 @@ def train_job(job: Job, params: Params, flat: dict, seed: int, runtime, data: Ta
             "task": job.dataset, "stage": job.stage, "init": str(job.init_dir),
             "init_sha256": init_card.get("sha256"), "epochs": job.epochs, "best_epoch": history.best_epoch,
             "linear_probe": job.linear_probe, "input": model_input(params.arch, job.dataset), **job.tags,
-            "seed": seed}
+            "seed": seed, "compute": runtime.compute}
     save_model_dir(out, model_state_cpu(model), card)
     if job.on_target and distributed.is_main():
         write_predictions(out / layout.PREDICTIONS, split_predictions(model, params.arch, data, runtime),

@@ -44,7 +44,9 @@ def test_counts_agreeing_verdicts_and_compares_only_cpu_independent_hashes(compa
     text, agree, total = compare_runs.compare(first, second, ("native", "AVX2"))
     assert (agree, total) == (2, 3)  # the reference, average; not medmerge
     assert "| `data/raw/lesions` | `same` | `same` | equal |" in text
-    assert "models/pretrained" not in text  # trained models may differ between CPUs; only data and sources count
+    assert "| `models/pretrained" not in text  # listed one by one: only data and sources, which every CPU must match
+    assert ("Every output in `dvc.lock` (trained models and reports included): 1 of 2 equal; different: "
+            "`models/pretrained/seed_0/imagenet`.") in text
     assert "| medmerge |" in text and text.count("**no**") == 1
     assert "Verdicts agree for 2 of 3 methods; each run's Δ lies inside the other's t interval for 2 of 2." in text
 

@@ -90,7 +90,7 @@ def test_flatten_uses_the_dotted_names_of_params_yaml(raw: dict) -> None:
 
 def test_methods_inherit_merge_and_override_by_entry(raw: dict) -> None:
     params = parse_params(raw)
-    assert params.seeds == [0, 1, 2, 3, 4] and params.baselines == ["ft", "lpft"]
+    assert params.seeds == raw["seeds"] and params.baselines == ["ft", "lpft"]
     aligned = params.method("medmerge_aligned")
     assert aligned.align == "weight_matching" and aligned.lr == params.merge.lr
     assert params.method("interpolate").method == "interpolate"

@@ -1,0 +1,79 @@
+"""``device.cpu_kernels``: portable training gives the same bits as a process started with every kernel library
+held to AVX2 (what any x86-64 CPU with AVX2 runs), and it must come before PyTorch's first kernel choice."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from medmerge.device import PORTABLE_CPU_ENV
+
+pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                                reason="the portable kernels are x86-64's AVX2 code paths")
+
+# a few AdamW steps of a small net with the layer kinds that round differently between instruction sets
+# (dense, depthwise and 1x1 convolutions through oneDNN, BatchNorm, a linear head through BLAS), channels_last
+TRAIN = """
+import hashlib, sys, torch
+from torch import nn
+from medmerge.device import hold_cpu_kernels
+print(hold_cpu_kernels(sys.argv[1], 2), file=sys.stderr)
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU6(),
+                    nn.Conv2d(32, 32, 5, padding=2, groups=32), nn.BatchNorm2d(32), nn.ReLU6(),
+                    nn.Conv2d(32, 64, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 5))
+net = net.to(memory_format=torch.channels_last)
+optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+x = torch.randn(16, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 5, (16,))
+for _ in range(5):
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    optimizer.step()
+digest = hashlib.sha256()
+for tensor in net.state_dict().values():
+    digest.update(tensor.contiguous().numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def train_digest(kernels: str, env: dict[str, str] | None = None) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in (*PORTABLE_CPU_ENV, "MEDMERGE_THREADS")}
+    result = subprocess.run([sys.executable, "-c", TRAIN, kernels], env={**clean, **(env or {})},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+def native_capability() -> str:
+    return subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_portable_kernels_train_the_bits_of_a_process_held_to_avx2_from_its_start():
+    held_from_start = train_digest("native", PORTABLE_CPU_ENV)
+    assert train_digest("portable") == held_from_start
+    if native_capability() == "AVX512":  # the hold changes something here: without it the bits differ
+        assert train_digest("native") != held_from_start
+
+
+def test_portable_kernels_after_pytorch_chose_its_kernels_fail_clearly():
+    if native_capability() == "AVX2":
+        pytest.skip("this CPU's own kernels are the portable ones: no wrong choice to detect")
+    script = ("import torch; torch.ones(64).add_(1).sum(); from medmerge.device import hold_cpu_kernels; "
+              "hold_cpu_kernels('portable', 2)")
+    clean = {k: v for k, v in os.environ.items() if k not in PORTABLE_CPU_ENV}
+    result = subprocess.run([sys.executable, "-c", script], env=clean, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "had already chosen its" in result.stderr and "kernels" in result.stderr
+
+
+def test_unknown_kernel_choice_is_refused():
+    from medmerge.device import hold_cpu_kernels
+
+    with pytest.raises(ValueError, match="device.cpu_kernels must be one of portable, native, got 'fast'"):
+        hold_cpu_kernels("fast", 2)
