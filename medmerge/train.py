@@ -278,6 +278,42 @@ def extract_features(model: nn.Module, batches: ArrayBatches, transform: DeviceT
                        transform)
 
 
+def logistic_regression(features: np.ndarray, labels: np.ndarray, num_classes: int, class_weighted: bool = False,
+                        c: float = 1.0, max_iter: int = 2000, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression with scikit-learn's defaults (L2 penalty ``1 / (2c)·‖W‖²``, the
+    intercept unpenalised, L-BFGS until no gradient entry of the mean objective exceeds ``tol``), in float64:
+    the weight ``(num_classes, features)`` and bias.
+
+    It runs on torch, not scikit-learn, because its sums then run on the kernels ``device.cpu_kernels`` holds:
+    scikit-learn's loss goes through NumPy's ``exp``/``log`` and OpenBLAS, whose code paths (and last bits)
+    NumPy and OpenBLAS pick by instruction set. A class absent from ``labels`` gets a bias of -1e4.
+    ``class_weighted`` weighs each sample by ``n / (k·count of its class)`` (scikit-learn's "balanced").
+    """
+    seen = np.unique(labels)
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float64))
+    index = torch.from_numpy(np.searchsorted(seen, labels).astype(np.int64))
+    counts = torch.bincount(index, minlength=len(seen)).double()
+    sample_weight = (len(labels) / (len(seen) * counts))[index] if class_weighted else torch.ones(len(labels),
+                                                                                                dtype=torch.float64)
+    weight = torch.zeros(len(seen), x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(seen), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
+                                  tolerance_change=0.0, history_size=10, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:  # scikit-learn's objective divided by the summed sample weights
+        optimizer.zero_grad()
+        losses = nn.functional.cross_entropy(x @ weight.T + bias, index, reduction="none")
+        loss = ((losses * sample_weight).sum() + weight.square().sum() / (2 * c)) / sample_weight.sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    full_weight = np.zeros((num_classes, x.shape[1]), dtype=np.float32)
+    full_bias = np.full(num_classes, -1e4, dtype=np.float32)  # a class absent from training is never predicted
+    full_weight[seen], full_bias[seen] = weight.detach().numpy(), bias.detach().numpy()
+    return full_weight, full_bias
+
+
 def fit_linear_probe(
     model: nn.Module,
     train: ArrayBatches,
@@ -287,28 +323,18 @@ def fit_linear_probe(
 ) -> float:
     """Set ``model``'s classifier to a logistic regression fitted on its frozen features (the "LP" of LP-FT).
 
-    L-BFGS on the features of every training image (no augmentation), as in Kumar et al. (2022). Returns the
-    probe's training accuracy. The backbone, including BatchNorm statistics, is untouched.
+    L-BFGS on the features of every training image (no augmentation), as in Kumar et al. (2022)
+    (:func:`logistic_regression`). Returns the probe's training accuracy. The backbone, including BatchNorm
+    statistics, is untouched.
     """
-    from sklearn.linear_model import LogisticRegression
-
     in_order = train.in_order(max(train.batch_size, 64))
     features, labels = extract_features(model, in_order, transform)
-    probe = LogisticRegression(max_iter=2000, class_weight="balanced" if class_weighted else None)
-    probe.fit(features, labels)
-    weight = np.zeros((num_classes, features.shape[1]), dtype=np.float32)
-    bias = np.zeros(num_classes, dtype=np.float32)
-    seen = probe.classes_.astype(int)
-    if len(seen) == 2:  # binary: one decision function w.x + b for the second class; split it symmetrically
-        weight[seen[1]], weight[seen[0]] = probe.coef_[0] / 2, -probe.coef_[0] / 2
-        bias[seen[1]], bias[seen[0]] = probe.intercept_[0] / 2, -probe.intercept_[0] / 2
-    else:
-        weight[seen], bias[seen] = probe.coef_, probe.intercept_
-        bias[np.setdiff1d(np.arange(num_classes), seen)] = -1e4  # a class absent from training is never predicted
+    weight, bias = logistic_regression(features, labels, num_classes, class_weighted)
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
         raise ValueError(f"a linear probe needs a Linear classifier, got {type(head).__name__}")
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight).to(head.weight))
         head.bias.copy_(torch.from_numpy(bias).to(head.bias))
-    return float(probe.score(features, labels))
+    logits = torch.from_numpy(features).double() @ torch.from_numpy(weight).double().T + torch.from_numpy(bias)
+    return float((logits.argmax(dim=1).numpy() == labels).mean())

@@ -1,5 +1,6 @@
-"""``device.cpu_kernels``: portable training gives the same bits as a process started with every kernel library
-held to AVX2 (what any x86-64 CPU with AVX2 runs), and it must come before PyTorch's first kernel choice."""
+"""``device.cpu_kernels``: portable training (the linear probe included) gives the same bits as a process started
+with every kernel library held to AVX2, NumPy's too (what any x86-64 CPU with AVX2 runs), and it must come
+before PyTorch's first kernel choice."""
 
 from __future__ import annotations
 
@@ -34,15 +35,21 @@ for _ in range(5):
     optimizer.zero_grad()
     nn.functional.cross_entropy(net(x), y).backward()
     optimizer.step()
+from medmerge.train import logistic_regression
+with torch.no_grad():
+    features = net[:-1](x).numpy()
+probe = logistic_regression(features, y.numpy(), 5)  # LP-FT's linear probe, fitted on the CPU's kernels too
 digest = hashlib.sha256()
-for tensor in net.state_dict().values():
-    digest.update(tensor.contiguous().numpy().tobytes())
+for array in [*(t.contiguous().numpy() for t in net.state_dict().values()), *probe]:
+    digest.update(array.tobytes())
 print(digest.hexdigest())
 """
+#: NumPy and OpenBLAS held to AVX2 as well: what the stages compute must not depend on their code paths either
+NUMPY_AVX2_ENV = {"NPY_DISABLE_CPU_FEATURES": "AVX512_SPR AVX512_ICL X86_V4", "OPENBLAS_CORETYPE": "Haswell"}
 
 
 def train_digest(kernels: str, env: dict[str, str] | None = None) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in (*PORTABLE_CPU_ENV, "MEDMERGE_THREADS")}
+    clean = {k: v for k, v in os.environ.items() if k not in (*PORTABLE_CPU_ENV, *NUMPY_AVX2_ENV, "MEDMERGE_THREADS")}
     result = subprocess.run([sys.executable, "-c", TRAIN, kernels], env={**clean, **(env or {})},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -55,7 +62,7 @@ def native_capability() -> str:
 
 
 def test_portable_kernels_train_the_bits_of_a_process_held_to_avx2_from_its_start():
-    held_from_start = train_digest("native", PORTABLE_CPU_ENV)
+    held_from_start = train_digest("native", {**PORTABLE_CPU_ENV, **NUMPY_AVX2_ENV})
     assert train_digest("portable") == held_from_start
     if native_capability() == "AVX512":  # the hold changes something here: without it the bits differ
         assert train_digest("native") != held_from_start
@@ -77,3 +84,18 @@ def test_unknown_kernel_choice_is_refused():
 
     with pytest.raises(ValueError, match="device.cpu_kernels must be one of portable, native, got 'fast'"):
         hold_cpu_kernels("fast", 2)
+
+
+def test_report_header_says_what_trained_the_models_and_what_another_machine_gets():
+    from medmerge.report import report_header
+
+    def header(computes):
+        return report_header("lesions", [0, 1, 2], "lpft_imagenet", 0.7, "f1_macro", 0.95, 2000, 600, (), computes)
+
+    portable = header(["portable CPU kernels (AVX2), 2 threads"])
+    assert "Every model was trained with portable CPU kernels (AVX2), 2 threads" in portable
+    assert "reproduced exactly" in portable
+    mixed = header(["portable CPU kernels (AVX2), 2 threads", "NVIDIA H200"])
+    assert "Models were trained with portable CPU kernels (AVX2), 2 threads; NVIDIA H200" in mixed
+    assert "reproduced exactly" not in mixed and "the t interval covers that" in mixed
+    assert "trained with" not in header([])

@@ -376,3 +376,35 @@ def test_an_interrupted_medmerge_resumes_to_the_same_coefficients(tmp_path) -> N
     with pytest.raises(KeyboardInterrupt):  # another merge of the same sources does not take this checkpoint
         run_merge_method(other)
     assert len(list(resume.path.glob("fit-*.pt"))) == 2
+
+
+def test_logistic_regression_reaches_scikit_learns_optimum() -> None:
+    """The linear probe's solver minimises scikit-learn's LogisticRegression objective (multinomial, C = 1,
+    intercept unpenalised, "balanced" class weights) at least as well as scikit-learn does, and gives a class
+    absent from training a bias that keeps it from ever being predicted."""
+    from sklearn.linear_model import LogisticRegression
+
+    from medmerge.train import logistic_regression
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 3], [30, 10, 20])  # class 2 absent, classes unbalanced
+    centers = rng.normal(size=(4, 40))
+    features = np.abs(centers[labels] + rng.normal(size=(len(labels), 40))).astype(np.float32)
+
+    def objective(weight, bias, sample_weight):
+        logits = features.astype(np.float64) @ weight.T + bias
+        log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+        picked = log_p[np.arange(len(labels)), np.searchsorted([0, 1, 3], labels)]
+        return (-(picked * sample_weight).sum() + 0.5 * np.square(weight).sum()) / sample_weight.sum()
+
+    for balanced in (False, True):
+        weight, bias = logistic_regression(features, labels, 4, class_weighted=balanced)
+        assert bias[2] == -1e4 and not weight[2].any()
+        reference = LogisticRegression(max_iter=2000, class_weight="balanced" if balanced else None).fit(features, labels)
+        counts = np.bincount(labels)[labels]
+        sample_weight = len(labels) / (3 * counts) if balanced else np.ones(len(labels))
+        ours = objective(weight[[0, 1, 3]].astype(np.float64), bias[[0, 1, 3]], sample_weight)
+        theirs = objective(reference.coef_, reference.intercept_, sample_weight)
+        assert ours <= theirs + 1e-6, (balanced, ours, theirs)
+        predicted = (features @ weight.T + bias).argmax(1)
+        np.testing.assert_array_equal(predicted, reference.predict(features))
