@@ -43,19 +43,23 @@ def hold_cpu_kernels(kernels: str, threads: int) -> str:
     if threads > 0:
         torch.set_num_threads(threads)
     count = torch.get_num_threads()
-    if kernels == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"{kernels} CPU kernels ({torch.backends.cpu.get_cpu_capability()}), {count} threads"
+    threads_text = f"{count} thread{'' if count == 1 else 's'}"
+    if kernels == "native":
+        return f"native CPU kernels ({torch.backends.cpu.get_cpu_capability()}), {threads_text}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):  # the portable code paths are x86-64's AVX2
+        return (f"native CPU kernels ({torch.backends.cpu.get_cpu_capability()}; portable ones are x86-64's), "
+                f"{threads_text}")
     os.environ.update(PORTABLE_CPU_ENV)
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX2":
         if capability in ("DEFAULT", "NO AVX"):  # a CPU without AVX2 cannot run the portable kernels
             log.warning("device.cpu_kernels: portable needs AVX2, which this CPU lacks: training with PyTorch's "
                         "%s kernels, whose results differ from an AVX2 machine's", capability)
-            return f"{capability} CPU kernels (portable unavailable: no AVX2), {count} threads"
+            return f"{capability} CPU kernels (portable unavailable: no AVX2), {threads_text}"
         raise KernelChoiceError(
             f"device.cpu_kernels is portable, but PyTorch had already chosen its {capability} kernels in this "
             "process: hold_cpu_kernels must run before the first tensor operation")
-    return f"portable CPU kernels (AVX2), {count} threads"
+    return f"portable CPU kernels (AVX2), {threads_text}"
 
 
 @dataclass(frozen=True)
