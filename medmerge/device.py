@@ -32,14 +32,10 @@ def hold_cpu_kernels(kernels: str, threads: int) -> str:
     all three read once, at their first use: it must run before the process's first tensor operation (the
     stages call it first thing, through ``stage_runtime``). ``native`` leaves the environment as it is: each
     library picks the fastest code path of this CPU. ``threads`` > 0 sets torch's intra-op threads (the
-    order of the sums depends on it too); 0 leaves torch's default, one per core; ``MEDMERGE_THREADS``
-    overrides both.
+    order of the sums depends on it too); 0 leaves torch's default, one per core.
     """
     if kernels not in CPU_KERNELS:
         raise ValueError(f"device.cpu_kernels must be one of {', '.join(CPU_KERNELS)}, got {kernels!r}")
-    override = os.environ.get("MEDMERGE_THREADS")
-    if override:
-        threads = int(override)
     if threads > 0:
         torch.set_num_threads(threads)
     count = torch.get_num_threads()

@@ -111,13 +111,14 @@ def stage_runtime(params: Params) -> Runtime:
     compute = None
     if kind == "cpu":  # before any tensor operation: the kernel libraries choose their code paths once
         # under torchrun each worker keeps the threads torchrun's launcher gave it (maybe_relaunch)
-        compute = hold_cpu_kernels(settings.cpu_kernels, 0 if distributed.launched() else settings.cpu_threads)
+        threads = thread_override() or (0 if distributed.launched() else settings.cpu_threads)
+        compute = hold_cpu_kernels(settings.cpu_kernels, threads)
     if distributed.launched():  # join first: set_device must precede any CUDA query (or all use GPU 0)
         distributed.init(kind)
     runtime = resolve_runtime(settings.type, settings.mixed_precision, settings.channels_last, settings.compile)
     device = distributed.device_for(runtime.device)
     if compute is None:
-        compute = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
+        compute = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     log.info("training with %s", compute)
     return dataclasses.replace(runtime, device=device, compute=compute)
 
@@ -298,12 +299,17 @@ def exit_without_teardown(code: int = 0) -> None:
     os._exit(code)
 
 
+def thread_override() -> int | None:
+    """The torch thread count ``MEDMERGE_THREADS`` asks for (it overrides ``device.cpu_threads``), or None."""
+    threads = os.environ.get("MEDMERGE_THREADS")
+    return max(1, int(threads)) if threads else None
+
+
 def limit_threads() -> None:
     """``MEDMERGE_THREADS=N``: torch's intra-op threads (via ``OMP_NUM_THREADS`` if torch is not imported yet)."""
-    threads = os.environ.get("MEDMERGE_THREADS")
-    if not threads:
+    count = thread_override()
+    if count is None:
         return
-    count = max(1, int(threads))
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(count)
     else:

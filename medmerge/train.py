@@ -292,9 +292,9 @@ def logistic_regression(features: np.ndarray, labels: np.ndarray, num_classes: i
     seen = np.unique(labels)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float64))
     index = torch.from_numpy(np.searchsorted(seen, labels).astype(np.int64))
-    counts = torch.bincount(index, minlength=len(seen)).double()
-    sample_weight = (len(labels) / (len(seen) * counts))[index] if class_weighted else torch.ones(len(labels),
-                                                                                                dtype=torch.float64)
+    sample_weight = torch.ones(len(labels), dtype=torch.float64)
+    if class_weighted:
+        sample_weight = (len(labels) / (len(seen) * torch.bincount(index).double()))[index]
     weight = torch.zeros(len(seen), x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(len(seen), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tol,

@@ -48,9 +48,13 @@ print(digest.hexdigest())
 NUMPY_AVX2_ENV = {"NPY_DISABLE_CPU_FEATURES": "AVX512_SPR AVX512_ICL X86_V4", "OPENBLAS_CORETYPE": "Haswell"}
 
 
+def unheld_environment() -> dict[str, str]:
+    """This environment without any instruction-set hold or thread override."""
+    return {k: v for k, v in os.environ.items() if k not in (*PORTABLE_CPU_ENV, *NUMPY_AVX2_ENV, "MEDMERGE_THREADS")}
+
+
 def train_digest(kernels: str, env: dict[str, str] | None = None) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in (*PORTABLE_CPU_ENV, *NUMPY_AVX2_ENV, "MEDMERGE_THREADS")}
-    result = subprocess.run([sys.executable, "-c", TRAIN, kernels], env={**clean, **(env or {})},
+    result = subprocess.run([sys.executable, "-c", TRAIN, kernels], env={**unheld_environment(), **(env or {})},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip()
@@ -73,8 +77,8 @@ def test_portable_kernels_after_pytorch_chose_its_kernels_fail_clearly():
         pytest.skip("this CPU's own kernels are the portable ones: no wrong choice to detect")
     script = ("import torch; torch.ones(64).add_(1).sum(); from medmerge.device import hold_cpu_kernels; "
               "hold_cpu_kernels('portable', 2)")
-    clean = {k: v for k, v in os.environ.items() if k not in PORTABLE_CPU_ENV}
-    result = subprocess.run([sys.executable, "-c", script], env=clean, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], env=unheld_environment(), capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode != 0
     assert "had already chosen its" in result.stderr and "kernels" in result.stderr
 
