@@ -3,7 +3,7 @@
 MLflow runs this file when the model is loaded, so nothing is pickled: :class:`ExportedClassifier` loads
 the dir (``model.safetensors`` + ``card.json``, sha256-checked) through :func:`medmerge.predict.load_classifier`.
 Input: uint8 images (N, H, W, 3) of any size, resized and normalised as in training. Output: one row per
-image, the predicted class and one ``prob_<class>`` column per class. See :mod:`medmerge.registry`.
+image, the predicted class and one ``prob_<class>`` column per class. See :mod:`medmerge.model_registry`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from medmerge.predict import load_classifier, predictions_table
-from medmerge.registry import MODEL_ARTIFACT
+from medmerge.model_registry import MODEL_ARTIFACT
 
 
 class ExportedClassifier(PythonModel):
