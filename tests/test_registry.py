@@ -124,8 +124,9 @@ def test_predictions_of_image_files_equal_those_of_the_arrays(tmp_path: Path, mo
     from_folder = predict_files(classifier, input_files([folder]), batch_size=2, progress=False)
     from_csv = predict_files(classifier, input_files([tmp_path / "list.csv"]), progress=False)
     expected = classifier.probabilities(batch)
-    np.testing.assert_array_equal(from_folder.filter(like="prob_").to_numpy(), expected)
-    np.testing.assert_array_equal(from_csv.filter(like="prob_").to_numpy(), expected)
+    # batches of 2 and of 5 may round differently (oneDNN picks kernels by batch shape and CPU)
+    np.testing.assert_allclose(from_folder.filter(like="prob_").to_numpy(), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(from_csv.filter(like="prob_").to_numpy(), expected, rtol=0, atol=1e-6)
 
 
 def test_cli_predict_writes_the_csv_and_info_describes_the_model(tmp_path: Path, model_dir: Path, capsys) -> None:
