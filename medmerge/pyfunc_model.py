@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from medmerge.predict import load_classifier, predictions_table
 from medmerge.model_registry import MODEL_ARTIFACT
+from medmerge.predict import load_classifier, predictions_table
 
 
 class ExportedClassifier(PythonModel):

@@ -28,8 +28,8 @@ from medmerge.tracking import repo_root
 if TYPE_CHECKING:
     from types import ModuleType
 
+    from medmerge.data.target import TargetData
     from medmerge.device import Runtime
-    from medmerge.pipeline import TargetData
     from medmerge.resume import ResumeDir
 
 log = logging.getLogger("medmerge.stage")
@@ -173,7 +173,7 @@ def stage_dataset(params: Params, dataset: str, batch_size: int, runtime: Runtim
     is shuffled with ``seed``. On a GPU the splits that fit in ``data.device_cache_fraction`` of its free
     memory are held there."""
     from medmerge import layout
-    from medmerge.pipeline import open_dataset
+    from medmerge.data.target import open_dataset
 
     on_gpu = runtime.device.type == "cuda"
     pin = params.data.pin_memory == "on" or (params.data.pin_memory == "auto" and on_gpu)

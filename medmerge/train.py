@@ -1,4 +1,5 @@
-"""One fit loop for every training stage: pretraining, fine-tuning, learning merge coefficients.
+"""One fit loop for every training stage: pretraining, fine-tuning, learning merge coefficients; and the
+classifier training that pretraining and the FT / LP-FT baselines run (:func:`train_classifier`).
 
 What differs between stages (which parameters learn, at which rate, and which forward runs) is passed
 in as a module and parameter groups; the loop itself is the same.
@@ -12,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +22,9 @@ from tqdm.auto import tqdm
 
 from medmerge import distributed
 from medmerge.data.loader import ArrayBatches, DeviceTransform
+from medmerge.device import Runtime
 from medmerge.metrics import macro_f1
+from medmerge.models import create_model, data_config, load_backbone
 from medmerge.resume import (
     ResumeDir,
     capture_rng,
@@ -29,6 +33,10 @@ from medmerge.resume import (
     restore_rng,
     with_unchanged,
 )
+
+if TYPE_CHECKING:
+    from medmerge.config import TrainSettings
+    from medmerge.data.target import TargetData
 
 log = logging.getLogger("medmerge.train")
 
@@ -54,13 +62,6 @@ class History:
     @property
     def best_val_f1(self) -> float:
         return max((e.val_f1_macro for e in self.epochs), default=math.nan)
-
-
-def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> Tensor:
-    """Per-class loss weights ``n / (K * n_k)`` (1 for a balanced set); absent classes get weight 0."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    weights = np.divide(counts.sum(), num_classes * counts, out=np.zeros_like(counts), where=counts > 0)
-    return torch.tensor(weights, dtype=torch.float32)
 
 
 def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
@@ -338,3 +339,55 @@ def fit_linear_probe(
         head.bias.copy_(torch.from_numpy(bias).to(head.bias))
     logits = torch.from_numpy(features).double() @ torch.from_numpy(weight).double().T + torch.from_numpy(bias)
     return float((logits.argmax(dim=1).numpy() == labels).mean())
+
+
+def make_transform(arch: str, runtime: Runtime, seed: int = 0) -> DeviceTransform:
+    """Normalisation from the architecture's timm config (mean = std = 0.5 for the tf_ EfficientNets)."""
+    config = data_config(arch)
+    return DeviceTransform(config["mean"], config["std"], runtime, seed=seed)
+
+
+def train_classifier(
+    arch: str,
+    init_state: dict[str, Tensor],
+    data: TargetData,
+    settings: TrainSettings,
+    runtime: Runtime,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    keep_head: bool = False,
+    linear_probe: bool = False,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    description: str = "train",
+    resume: ResumeDir | None = None,
+) -> tuple[nn.Module, History]:
+    """A timm model for ``data``'s classes from ``init_state``, fully trained.
+
+    The head is replaced by a new one for ``data``'s classes unless ``keep_head`` (then the state must fit
+    exactly, as a collapsed merged model does). With ``linear_probe`` the new head is first fitted on the
+    frozen backbone's features, then everything is fine-tuned (LP-FT, Kumar et al. 2022). ``resume``: where
+    the fine-tune keeps its per-epoch resume checkpoints (see :func:`medmerge.train.fit`).
+    """
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes=data.num_classes)
+    if keep_head:
+        model.load_state_dict(init_state, strict=True)
+    else:
+        report = load_backbone(model, init_state)
+        log.info("%s: loaded backbone, new head %s", description, report.missing)
+    model = runtime.prepare(model)
+    transform = make_transform(arch, runtime, seed)
+    if linear_probe:
+        accuracy = fit_linear_probe(model, data.train, transform, data.num_classes, settings.class_weighted)
+        log.info("%s: linear probe fitted (train accuracy %.4f)", description, accuracy)
+    optimizer = build_optimizer(
+        settings.optimizer, [{"params": list(model.parameters()), "lr": settings.lr}], settings.weight_decay
+    )
+    history = fit(
+        model, optimizer, data.train, data.val, transform,
+        epochs=settings.epochs if epochs is None else epochs, num_classes=data.num_classes,
+        augment=settings.augment, keep_best=settings.keep_best, on_epoch=on_epoch, description=description,
+        class_weights=data.class_weights() if settings.class_weighted else None, resume=resume,
+    )
+    return model, history

@@ -17,10 +17,14 @@ import torch
 
 from medmerge.config import MergeSettings, TrainSettings
 from medmerge.data.loader import ArrayBatches
+from medmerge.data.target import TargetData
 from medmerge.device import resolve_runtime
+from medmerge.merge.collapse import collapse
 from medmerge.methods import MergeInputs, run_merge_method
 from medmerge.models import create_model
-from medmerge.pipeline import TargetData, align_sources, collapse, test_metrics, train_classifier
+from medmerge.pipeline import align_sources
+from medmerge.scoring import score_test_split
+from medmerge.train import train_classifier
 
 
 def task(size: int, classes: int = 4, train: int = 256, val: int = 128) -> TargetData:
@@ -70,7 +74,7 @@ def main() -> None:
         result = timed(method, lambda s=settings, st=states: run_merge_method(
             MergeInputs(args.arch, st, names, data, s, runtime, seed=0)))
         model = collapse(result.merge.cpu(), args.arch, data.num_classes, data, runtime)
-        f1 = test_metrics(model, args.arch, data, runtime)["f1_macro"]
+        f1 = score_test_split(model, args.arch, data, runtime)["f1_macro"]
         print(f"  val F1 {result.val_f1:.3f}, test F1 {f1:.3f}, {result.details}")
     settings = TrainSettings(epochs=2, lr=1e-3, batch_size=64)
     model, history = timed("LP-FT (2 epochs)", lambda: train_classifier(args.arch, sources[0], data, settings, runtime,

@@ -28,20 +28,17 @@ from safetensors.torch import save_file
 
 from medmerge import distributed, layout
 from medmerge.config import MergeSettings, Params
+from medmerge.data.target import TargetData
 from medmerge.io import read_json, write_json
+from medmerge.jobs import finetune_merged_job, train_job
 from medmerge.merge.alignment import save_permutations
+from medmerge.merge.collapse import collapse, merge_state_to_save
 from medmerge.methods import MergeInputs, MergeResult, run_merge_method
-from medmerge.models import load_model_dir, save_model_dir
-from medmerge.pipeline import (
-    TargetData,
-    align_sources,
-    collapse,
-    merge_state_to_save,
-    model_state_cpu,
-    split_predictions,
-)
+from medmerge.models import load_model_dir, model_state_cpu, save_model_dir
+from medmerge.pipeline import align_sources
 from medmerge.plots import plot_layer_coefficients
 from medmerge.predictions import write_predictions
+from medmerge.scoring import split_predictions
 from medmerge.stage import (
     add_seed_argument,
     maybe_relaunch,
@@ -55,7 +52,6 @@ from medmerge.stage import (
     stage_runtime,
 )
 from medmerge.tracking import TRAINING_SPLITS, stage_run
-from stages.train import finetune_merged_job, train_job
 
 
 def merge_sources(arch: str, names: list[str], sources_from: str, seed: int, anchor: str, align: str) -> tuple:

@@ -179,7 +179,7 @@ def test_tracking_uri_is_absolute_under_the_repository_root(tmp_path: Path, monk
 
 
 def test_inverse_frequency_weights() -> None:
-    from medmerge.train import inverse_frequency_weights
+    from medmerge.data.target import inverse_frequency_weights
 
     weights = inverse_frequency_weights(np.array([0, 0, 0, 1]), 3)
     torch.testing.assert_close(weights, torch.tensor([4 / 9, 4 / 3, 0.0]))
@@ -191,7 +191,8 @@ def test_zero_epochs_keeps_the_merged_model_unchanged() -> None:
     import timm
 
     from medmerge.config import TrainSettings
-    from medmerge.pipeline import TargetData, train_classifier
+    from medmerge.data.target import TargetData
+    from medmerge.train import train_classifier
 
     images, labels = toy_data(8)
     images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)  # 32 px
@@ -279,7 +280,7 @@ def test_fit_runs_with_a_one_step_warm_up(epochs: int) -> None:
 def test_rebatching_the_training_split_starts_it_afresh() -> None:
     """``TargetData.with_train_batch_size`` after a used loader gives the batches a newly opened split would:
     the merge stage opens the target once for its three steps."""
-    from medmerge.pipeline import TargetData
+    from medmerge.data.target import TargetData
 
     images, labels = toy_data()
     opened = lambda batch: ArrayBatches(images, labels, batch, shuffle=True, seed=3, drop_last=True)  # noqa: E731

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from medmerge.data.loader import ArrayBatches, device_free_bytes, place_on_device
+from medmerge.data.target import open_dataset
 from medmerge.device import Runtime
-from medmerge.pipeline import open_dataset
 
 CPU = torch.device("cpu")
 

@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from medmerge import distributed
 from medmerge.config import DeviceSettings, MergeSettings
 from medmerge.data.loader import ArrayBatches, DeviceTransform
+from medmerge.data.target import TargetData
 from medmerge.device import Runtime
+from medmerge.methods.medmerge import build_learned_merge, learn_kernel_weights
 from medmerge.models import create_model
-from medmerge.pipeline import TargetData, build_kernel_merge, learn_kernel_weights
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -214,7 +215,7 @@ def learn(arch: str, bn_groups: int = 1) -> tuple[dict[str, torch.Tensor], dict[
     mean loss over the batch is then the mean of the chunks' mean losses, as DDP's averaged gradient is.
     """
     settings = _settings()
-    merge = build_kernel_merge(arch, _sources(arch), ["a", "b"], NUM_CLASSES, settings, seed=0)
+    merge = build_learned_merge(arch, _sources(arch), ["a", "b"], NUM_CLASSES, settings, seed=0)
     initial = merge.coefficient_tensors()
     if bn_groups > 1:
         whole_batch = merge.forward

@@ -132,7 +132,7 @@ def test_the_skeleton_keeps_only_its_head_and_two_frozen_sources_are_a_base_and_
 @pytest.mark.parametrize("granularity", ["kernel", "slice"])
 def test_a_channels_last_merge_saves_its_trained_sources_for_a_merge_without_it(granularity: str) -> None:
     """Flat vectors are saved in one canonical order, whatever layout the merge that learned them used."""
-    from medmerge.pipeline import merge_state_to_save, restore_merge_state
+    from medmerge.merge.collapse import merge_state_to_save, restore_merge_state
 
     learned, _ = build("test_efficientnet", 2, granularity, [False, True])
     learned.use_channels_last()

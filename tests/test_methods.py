@@ -17,21 +17,14 @@ import torch
 
 from medmerge.config import ConfigError, MergeSettings, TrainSettings, parse_params
 from medmerge.data.loader import ArrayBatches
+from medmerge.data.target import TargetData
 from medmerge.device import Runtime
+from medmerge.merge.collapse import collapse, merge_state_to_save, restore_merge_state
 from medmerge.methods import MERGE_METHODS, MergeInputs, get_method, rebuild_merge, run_merge_method
 from medmerge.models import create_model, head_keys, load_backbone
-from medmerge.pipeline import (
-    TargetData,
-    align_sources,
-    apply_saved_permutations,
-    collapse,
-    make_transform,
-    merge_state_to_save,
-    restore_merge_state,
-    train_classifier,
-)
+from medmerge.pipeline import align_sources, apply_saved_permutations
 from medmerge.report import comparison_markdown, layerwise, summarize
-from medmerge.train import fit_linear_probe, predict
+from medmerge.train import fit_linear_probe, make_transform, predict, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "test_efficientnet"
@@ -316,9 +309,9 @@ def test_layer_summary_gives_the_spread_across_kernels() -> None:
 def test_channels_last_prepares_a_merge_with_per_kernel_coefficients() -> None:
     """A lent H100 (torch 2.11) refused ``Module.to(memory_format=channels_last)`` on the merge's 5-D
     per-kernel coefficients; only the 4-D tensors (conv kernels) change layout now."""
-    from medmerge.pipeline import build_kernel_merge
+    from medmerge.methods.medmerge import build_learned_merge
 
-    merge = build_kernel_merge(ARCH, sources(2), NAMES, 3, MergeSettings(anchor="a"))
+    merge = build_learned_merge(ARCH, sources(2), NAMES, 3, MergeSettings(anchor="a"))
     x = torch.rand(2, 3, 32, 32)
     expected = merge(x)
     prepared = Runtime(torch.device("cpu"), channels_last=True).prepare(merge)
@@ -332,14 +325,14 @@ def test_channels_last_prepares_a_merge_with_per_kernel_coefficients() -> None:
 def test_without_recalibration_bn_statistics_are_blended_like_their_layer() -> None:
     """bn_recalibration: false gives the sources' running statistics blended per channel by the learned
     coefficients of the norm's weight; with it, statistics recomputed on the target training split."""
-    from medmerge.pipeline import build_kernel_merge
+    from medmerge.methods.medmerge import build_learned_merge
 
     states = sources(2)
     for state, shift in zip(states, (0.0, 1.0), strict=True):  # distinct statistics per source
         for key in state:
             if key.endswith("running_mean"):
                 state[key] = torch.randn(state[key].shape) + shift
-    merge = build_kernel_merge(ARCH, states, NAMES, 3, MergeSettings(anchor="a"))
+    merge = build_learned_merge(ARCH, states, NAMES, 3, MergeSettings(anchor="a"))
     with torch.no_grad():
         for logits in merge.logits.values():
             logits.normal_()  # a different weight per channel

@@ -80,8 +80,7 @@ def pipeline_probabilities(model_dir: Path, images: np.ndarray) -> np.ndarray:
     from medmerge.data.loader import ArrayBatches
     from medmerge.device import resolve_runtime
     from medmerge.models import create_model, load_model_dir
-    from medmerge.pipeline import make_transform
-    from medmerge.train import predict
+    from medmerge.train import make_transform, predict
 
     state, card = load_model_dir(model_dir)
     model = create_model(card["arch"], num_classes=card["num_classes"])

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from medmerge.model_registry import best_model, register_best_model
 from medmerge.models import create_model, input_card, save_model_dir
 from medmerge.predict import input_files, load_classifier, predict_files
-from medmerge.model_registry import best_model, register_best_model
 from medmerge.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment, stage_run
 
 TINY = "test_efficientnet"

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from medmerge.config import MergeSettings
 from medmerge.data.loader import ArrayBatches
+from medmerge.data.target import TargetData
 from medmerge.device import Runtime
+from medmerge.merge.collapse import collapse
 from medmerge.merge.repair import activation_statistics, interpolated_statistics, repairable_layers
+from medmerge.methods.fixed import build_fixed_merge
 from medmerge.models import create_model
-from medmerge.pipeline import TargetData, build_kernel_merge, collapse, make_transform
+from medmerge.train import make_transform
 
 ARCH = "test_convnext"  # timm's LayerNorm ConvNeXt test model: 0.3M parameters
 CPU = Runtime(torch.device("cpu"))
@@ -35,8 +37,7 @@ def sources() -> list[dict[str, torch.Tensor]]:
 
 def merged_and_targets(weights: list[float], batch_size: int, repair: bool):
     states, names = sources(), ["a", "b"]
-    settings = MergeSettings(anchor="a")
-    merge = build_kernel_merge(ARCH, states, names, 3, settings, fixed_weights=weights)
+    merge = build_fixed_merge(ARCH, states, names, 3, weights)
     data = calibration(batch_size)
     model = collapse(merge, ARCH, 3, None, CPU, repair_data=data if repair else None)
     layers = repairable_layers(model, merge.merged_keys)

@@ -33,9 +33,10 @@ from torch.func import functional_call
 from medmerge.config import MergeSettings
 from medmerge.device import Runtime
 from medmerge.merge.coefficients import GRANULARITIES, GranularityError, initial_weights, resolve_normalizer
+from medmerge.merge.collapse import collapse
 from medmerge.merge.functional import KernelMerge, SourceMismatchError
+from medmerge.methods.medmerge import build_learned_merge
 from medmerge.models import StateDictMismatchError, create_model, head_keys, load_backbone
-from medmerge.pipeline import build_kernel_merge, collapse
 from medmerge.report import layerwise
 
 ARCH = "vit_tiny_patch16_224"
@@ -243,8 +244,8 @@ def collapse_equals_functional_forward(merge) -> None:
 
 
 def test_pipeline_builds_and_collapses_a_vit_merge() -> None:
-    """build_kernel_merge + collapse on timm's registered tiny ViT."""
-    merge = build_kernel_merge("test_vit", two_test_vits(), ["s0", "s1"], NUM_CLASSES, MergeSettings(anchor="s0"))
+    """build_learned_merge + collapse on timm's registered tiny ViT."""
+    merge = build_learned_merge("test_vit", two_test_vits(), ["s0", "s1"], NUM_CLASSES, MergeSettings(anchor="s0"))
     assert merge.head_keys == ["head.weight", "head.bias"]
     collapse_equals_functional_forward(merge)
 
@@ -355,7 +356,7 @@ def test_vit_head_gradients_reach_every_head_and_equal_autograd_through_the_expl
 
 def test_pipeline_collapse_of_a_head_merge_equals_its_functional_forward() -> None:
     settings = MergeSettings(anchor="s0", granularity="head")
-    merge = build_kernel_merge("test_vit", two_test_vits(), ["s0", "s1"], NUM_CLASSES, settings)
+    merge = build_learned_merge("test_vit", two_test_vits(), ["s0", "s1"], NUM_CLASSES, settings)
     assert merge.granularity == "head" and "blocks.0.attn.heads" in merge.group_weights()
     collapse_equals_functional_forward(merge)
     # REPAIR's per-channel weights: qkv rows carry their head's weight, proj rows the mean over the heads
@@ -370,8 +371,8 @@ def test_head_granularity_on_a_cnn_stops_with_one_line_naming_the_setting_and_th
     states = [create_model("test_resnet", num_classes=4).state_dict() for _ in range(2)]
     with pytest.raises(GranularityError, match=r"merge\.granularity 'head' needs attention blocks .*arch 'test_resnet' "
                                          r"has none") as error:
-        build_kernel_merge("test_resnet", states, ["s0", "s1"], NUM_CLASSES,
-                           MergeSettings(anchor="s0", granularity="head"))
+        build_learned_merge("test_resnet", states, ["s0", "s1"], NUM_CLASSES,
+                            MergeSettings(anchor="s0", granularity="head"))
     assert "\n" not in str(error.value)
 
 

@@ -16,7 +16,7 @@ with :func:`register_method`. It declares:
 
 Nothing in this package imports torch at module level: ``medmerge.config`` imports the package (late, in its
 validators) to check ``methods.<name>`` when params are read, before any model is built. The torch-side
-work (:mod:`medmerge.pipeline`, :mod:`medmerge.train`) is imported inside the functions that run a merge:
+work (:mod:`medmerge.train`, :mod:`medmerge.merge`) is imported inside the functions that run a merge:
 ``run`` / ``rebuild`` and the helpers of :mod:`medmerge.methods.fixed`.
 """
 
@@ -33,9 +33,9 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from medmerge.config import MergeSettings
+    from medmerge.data.target import TargetData
     from medmerge.device import Runtime
     from medmerge.merge.functional import KernelMerge
-    from medmerge.pipeline import TargetData
     from medmerge.resume import ResumeDir
     from medmerge.train import EpochResult
 

@@ -13,6 +13,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "load_model_dir": "checkpoint",
     "load_state_dict_file": "checkpoint",
+    "model_state_cpu": "checkpoint",
     "save_model_dir": "checkpoint",
     "sha256_file": "checkpoint",
     "write_pointer_dir": "checkpoint",

@@ -18,7 +18,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from medmerge.io import atomic_directory
 from medmerge.models.export import CONFIG_FILE, timm_config
@@ -183,6 +183,11 @@ def _write_dir(tmp: Path, state: Mapping[str, Tensor], card: Mapping[str, Any]) 
     full_card = {**card, "sha256": sha256_file(weights), "num_parameters": count_parameters(state)}
     _write_json(tmp / CARD_FILE, full_card)
     _write_json(tmp / CONFIG_FILE, timm_config(full_card))
+
+
+def model_state_cpu(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of ``model``'s state on the CPU, contiguous: what a model directory saves."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def save_model_dir(out_dir: str | os.PathLike[str], state: Mapping[str, Tensor], card: Mapping[str, Any]) -> None:

@@ -4,7 +4,7 @@
 classes, label names, and a ``pretrained_cfg`` with the preprocessing), builds the model with that head
 and loads ``model.safetensors`` strictly; ``timm.models.push_to_hf_hub`` publishes the same layout. The
 preprocessing recorded is the pipeline's own: the prepared image size, the resize policy, and the
-normalisation :func:`medmerge.pipeline.make_transform` applies (timm's data config of the architecture).
+normalisation :func:`medmerge.train.make_transform` applies (timm's data config of the architecture).
 """
 
 from __future__ import annotations
