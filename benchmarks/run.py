@@ -53,9 +53,7 @@ from medmerge.data.loader import ArrayBatches, place_on_device
 from medmerge.device import Runtime, resolve_runtime
 from medmerge.models import create_model
 from medmerge.pipeline import build_kernel_merge, make_transform
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared with the end-to-end tests
-from repo_harness import copy_repo, init_repo  # noqa: E402
+from medmerge.testing import copy_repo, init_repo
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 4
