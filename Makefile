@@ -58,7 +58,7 @@ ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 benchmark: install
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks suite
 
 clean:
 	rm -rf data/raw data/processed models/sources models/pretrained models/ft models/lpft models/merge \

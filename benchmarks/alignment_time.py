@@ -1,9 +1,10 @@
-"""Weight-matching alignment time per architecture: two independent random timm models, one aligned onto
-the other. Prints a Markdown table (spaces, tracing time, matching wall and CPU time, weight similarity
-before -> after). Usage:
+"""Weight-matching alignment time per architecture.
 
-    python benchmarks/alignment_time.py                        # every supported family, default sizes
-    python benchmarks/alignment_time.py --arch resnet50 --threads 2
+Two independent random timm models, one aligned onto the other. Prints a Markdown table (spaces, tracing
+time, matching wall and CPU time, weight similarity before -> after). Usage:
+
+    python -m benchmarks alignment_time                        # every supported family, default sizes
+    python -m benchmarks alignment_time --arch resnet50 --threads 2
 
 Run it on an otherwise idle machine: the table header prints the load average at the start and at the end.
 """
@@ -45,12 +46,13 @@ def measure(arch: str, size: int) -> dict:
             "before": alignment_similarity(spec, a, b), "after": alignment_similarity(spec, a, aligned)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks alignment_time", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=ARCHS)
     parser.add_argument("--size", type=int, default=64, help="dummy input size for tracing CNNs (ViTs use theirs)")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, load average at start {os.getloadavg()[0]:.2f}\n")
     print("| architecture | spaces | trace (s) | matching (s) | matching CPU (s) | similarity before -> after |")

@@ -1,15 +1,16 @@
-"""Peak memory and throughput of the streaming data path: an image folder of 512-px JPEGs through
-``fetch_data`` (the split manifest) and ``prepare`` (decode + resize to 224 px into memory maps).
+"""Peak memory and throughput of the streaming data path (image folder -> fetch_data -> prepare).
 
-For each number of images (default 1,000 and 10,000) and each number of decoding workers (default 1 and
-all cores) one fresh child process runs both steps as the stages do (importing what the two stage scripts import:
-``medmerge.stage`` and ``load_params``, which leave torch unimported) and reports its wall times, CPU time and peak RSS: of the main process (``ru_maxrss``), and
+An image folder of 512-px JPEGs through ``fetch_data`` (the split manifest) and ``prepare`` (decode +
+resize to 224 px into memory maps). For each number of images (default 1,000 and 10,000) and each number
+of decoding workers (default 1 and all cores) one fresh child process runs both steps as the stages do
+(importing what the two stage scripts import: ``medmerge.stage`` and ``load_params``, which leave torch
+unimported) and reports its wall times, CPU time and peak RSS: of the main process (``ru_maxrss``), and
 the largest peak (``VmHWM``) among its descendant processes (the decoding workers). The folder is
 fabricated fast: a few distinct JPEGs, each written many times (the duplicates check of prepare sees the
 repeats; it does not change the cost). Everything is removed afterwards.
 
-    python benchmarks/data_stream.py                          # 1,000 and 10,000 images, 1 and all workers
-    python benchmarks/data_stream.py --images 2000 --workers 1 2 4 --json out.json
+    python -m benchmarks data_stream                          # 1,000 and 10,000 images, 1 and all workers
+    python -m benchmarks data_stream --images 2000 --workers 1 2 4 --json out.json
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from . import REPO
+
 CLASSES = ("a", "b", "c", "d")
 
 
@@ -126,9 +128,10 @@ def child(root: Path, work: Path, workers: int, image_size: int) -> dict:
 
 def measure(root: Path, workers: int, image_size: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="medmerge-bench-out-", dir=root.parent) as work:
-        command = [sys.executable, __file__, "--child", str(root), work, str(workers), str(image_size)]
+        command = [sys.executable, "-m", "benchmarks.data_stream", "--child", str(root), work, str(workers),
+                   str(image_size)]
         env = {**os.environ, "MEDMERGE_LOG_LEVEL": "ERROR", "PYTHONPATH": str(REPO)}
-        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, check=False)
         if result.returncode:
             raise RuntimeError(result.stderr[-2000:])
         return json.loads(result.stdout.strip().splitlines()[-1])
@@ -144,20 +147,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        root, work, workers, size = sys.argv[2:6]
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:  # the fresh process of one measurement (measure)
+        root, work, workers, size = argv[1:5]
         print(json.dumps(child(Path(root), Path(work), int(workers), int(size))))
         return
     cores = len(os.sched_getaffinity(0))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks data_stream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--workers", type=int, nargs="+", default=sorted({1, cores}))
     parser.add_argument("--source-size", type=int, default=512, help="side of the fabricated JPEGs (px)")
     parser.add_argument("--image-size", type=int, default=224, help="data.image_size to prepare at (px)")
     parser.add_argument("--distinct", type=int, default=32, help="different JPEGs among the files")
     parser.add_argument("--json", type=Path, help="also save the rows as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     jpegs = distinct_jpegs(args.distinct, args.source_size)
     scratch = Path(tempfile.mkdtemp(prefix="medmerge-bench-"))

@@ -1,10 +1,12 @@
-"""The effect of alignment and REPAIR on a LayerNorm backbone (ConvNeXt): two independently initialised
-sources trained briefly on a synthetic task (``shapes`` by default), merged by the plain average (a linear-probe head
-on the collapsed model), with and without weight-matching alignment and with and without REPAIR.
-Prints a Markdown table of validation / test accuracy and macro F1. Usage:
+"""The effect of alignment and REPAIR on a LayerNorm backbone (ConvNeXt).
 
-    python benchmarks/repair_layernorm.py                       # convnext_atto, 32 px, 3 epochs per source
-    python benchmarks/repair_layernorm.py --arch test_convnext --size 64 --epochs 8 --threads 1
+Two independently initialised sources trained briefly on a synthetic task (``shapes`` by default), merged
+by the plain average (a linear-probe head on the collapsed model), with and without weight-matching
+alignment and with and without REPAIR. Prints a Markdown table of validation / test accuracy and macro
+F1. Usage:
+
+    python -m benchmarks repair_layernorm                       # convnext_atto, 32 px, 3 epochs per source
+    python -m benchmarks repair_layernorm --arch test_convnext --size 64 --epochs 8 --threads 1
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def scores(model, arch: str, data: TargetData, runtime: Runtime) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks repair_layernorm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="convnext_atto")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
@@ -60,7 +63,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--task", default="shapes", help="a synthetic task (medmerge.data.synthetic)")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     runtime = Runtime(torch.device("cpu"))
     data = dataset(args.task, args.size, args.n_train)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check: benchmarks (a)-(c) with the step profile for resnet18 and tf_efficientnet_lite0 at 224 px,
-# batch 128, bf16 autocast and channels_last, then every merge method once on the GPU
-# (scripts/gpu_methods_check.py). Prints nvidia-smi and the table that benchmarks/README.md records.
+# The GPU check: the benchmark suite (step_time, loader_throughput, peak_memory, step_profile) for resnet18
+# and tf_efficientnet_lite0 at 224 px, batch 128, bf16 autocast and channels_last, then every merge method
+# once on the GPU (scripts/gpu_methods_check.py). Prints nvidia-smi and the table that
+# benchmarks/README.md records.
 #
 #   bash scripts/device_check.sh                    # on a machine with a GPU, from any directory
 #   bash scripts/device_check.sh results/           # also copy the JSON report into results/
-#   bash scripts/device_check.sh results/ --repeats 20 --arch resnet18   # extra arguments go to benchmarks/run.py
+#   bash scripts/device_check.sh results/ --repeats 20 --arch resnet18   # extra arguments go to the suite
 #
 # Needs the project's dependencies (`make install`, or `pip install -e .` into an environment with CUDA torch).
 # The interpreter is $PYTHON if set, else .venv/bin/python if it sees a GPU, else python3. The benchmark is
@@ -51,9 +52,10 @@ for arg in "$@"; do  # a dry run on the CPU asks for it with --device cpu
     previous="$arg"
 done
 
-echo "== benchmark (a)-(c) + profile"
-timeout 280 "$PY" benchmarks/run.py --parts abc --device cuda --size 224 --batch 128 --mixed-precision bf16 \
-    --channels-last on --repeats 10 --memory-repeats 2 --profile --json "$CACHE/device_check.json" "$@"
+echo "== benchmark suite: step_time, loader_throughput, peak_memory, step_profile"
+timeout 280 "$PY" -m benchmarks suite --measure step_time loader_throughput peak_memory step_profile \
+    --device cuda --size 224 --batch 128 --mixed-precision bf16 --channels-last on --repeats 10 --memory-repeats 2 \
+    --json "$CACHE/device_check.json" "$@"
 rc=$?
 [ "$rc" -eq 124 ] && echo "benchmark stopped by timeout 280" >&2
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from repo_harness import REPO, copy_repo, init_and_repro, stage_env
 from safetensors.torch import load_file
+
+from medmerge.testing import REPO, copy_repo, init_and_repro, stage_env
 
 pytestmark = pytest.mark.integration
 

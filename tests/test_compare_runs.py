@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from repo_harness import load_script
+
+from medmerge.testing import load_script
 
 COLUMNS = ["method", "kind", "seeds", "f1_macro_mean", "f1_macro_std", "diff", "t_low", "t_high", "boot_low",
            "boot_high", "verdict"]

@@ -243,7 +243,8 @@ def test_data_stages_run_without_torch(tmp_path: Path) -> None:
     import sys
 
     import yaml
-    from repo_harness import REPO, copy_repo, stage_env
+
+    from medmerge.testing import REPO, copy_repo, stage_env
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["datasets"]["lesions"]["options"].update(n_train=8, n_val=4, n_test=4, image_size=16)
@@ -300,7 +301,7 @@ def test_a_stage_script_exits_after_its_threads_and_exit_handlers(tmp_path: Path
     import subprocess
     import sys
 
-    from repo_harness import REPO
+    from medmerge.testing import REPO
 
     script = tmp_path / "stage_like.py"
     script.write_text(

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from repo_harness import copy_repo, init_and_repro, run, stage_env
 from test_pipeline import tiny_params
+
+from medmerge.testing import copy_repo, init_and_repro, run, stage_env
 
 pytestmark = pytest.mark.integration
 

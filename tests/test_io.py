@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from repo_harness import REPO
-
 from medmerge.io import atomic_directory, remove_stale_temporaries, write_json
+from medmerge.testing import REPO
 
 KILLED_WRITER = """
 import os, signal, sys

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from repo_harness import load_script
+
+from medmerge.testing import load_script
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from repo_harness import copy_repo, init_and_repro, run, stage_env, tail
 from test_pipeline import tiny_params
+
+from medmerge.testing import copy_repo, init_and_repro, run, stage_env, tail
 
 pytestmark = pytest.mark.integration
 MODEL_NAME = "lesions-merged"

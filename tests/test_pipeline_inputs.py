@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from repo_harness import REPO, copy_repo, init_and_repro, run, stage_env
+
+from medmerge.testing import REPO, copy_repo, init_and_repro, run, stage_env
 
 ARCH = "test_efficientnet"  # timm's ~0.1M-parameter test model: fast at 32 px on CPU
 SIZE = 32

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from repo_harness import REPO, copy_repo, init_repo, run, stage_env
+
+from medmerge.testing import REPO, copy_repo, init_repo, run, stage_env
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,10 @@ import itertools
 
 import numpy as np
 import pytest
-from repo_harness import load_script
 
 from medmerge.config import EvaluateSettings
 from medmerge.predictions import SplitPredictions
+from medmerge.testing import load_script
 
 
 @pytest.fixture(scope="module")

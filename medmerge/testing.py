@@ -1,5 +1,7 @@
-"""What the tests share: a copy of the repository in a temporary git + DVC repo, subprocesses, and the
-repository's scripts imported as modules."""
+"""What the tests and the benchmarks share (as ``numpy.testing``): a copy of the repository in a temporary
+git + DVC repo, subprocesses, the stages' environment, and the repository's scripts imported as modules.
+
+Imports no torch, so that importing it costs a test or a benchmark nothing."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from types import ModuleType
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the checkout this package is imported from (a copy: that copy)
 COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "medmerge", "pyproject.toml"]
 PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
