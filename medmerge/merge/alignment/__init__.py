@@ -1,8 +1,5 @@
-"""Permutation alignment of same-architecture networks by weight matching (Git Re-Basin); docs/alignment.md.
-
-The names below are imported from their submodules on first use (PEP 562): ``AlignmentError`` (the stages'
-error check) imports no torch, and only tracing imports timm.
-"""
+"""Permutation alignment of same-architecture networks by weight matching (Git Re-Basin; docs/alignment.md).
+Names load from their submodules on first use (PEP 562): ``AlignmentError`` needs no torch."""
 
 from __future__ import annotations
 
