@@ -23,6 +23,7 @@ from medmerge.merge.alignment import (
     save_permutations,
     weight_matching,
 )
+from medmerge.merge.alignment.rules import MODULE_RULES, OP_RULES, module_rule, op_rule
 
 ARCHS = ["resnet18", "tf_efficientnet_lite0", "efficientnet_b0"]
 SMALL = (3, 32, 32)
@@ -242,6 +243,40 @@ def test_unsupported_ops_are_named(model: nn.Module, named: str) -> None:
     with pytest.raises(AlignmentError, match="merge.align: none") as info:
         permutation_spec(model, input_size=(3, 32, 32))
     assert named in str(info.value)
+
+
+class _TimmActivation(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(3, 8, 3), act, nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("act", ["Swish", "GELUTanh", "HardSwishMe", "DropPath", "DropBlock2d"])
+def test_timm_elementwise_layers_keep_the_units(act: str) -> None:
+    from timm.layers import activations, activations_me, drop
+
+    layer = next(getattr(m, act) for m in (activations, activations_me, drop) if hasattr(m, act))()
+    assert permutation_spec(_TimmActivation(layer), (3, 16, 16)).spaces == {"conv": 8}
+
+
+def test_timm_prelu_is_refused_for_its_weight() -> None:
+    from timm.layers.activations import PReLU
+
+    with pytest.raises(AlignmentError, match="PReLU 'act' owns tensors"):
+        permutation_spec(_TimmActivation(PReLU(8)), (3, 16, 16))
+
+
+def test_a_module_type_or_an_op_has_one_rule() -> None:
+    def another_relu(*args: object) -> None: ...
+
+    with pytest.raises(ValueError, match="module rule 'another_relu' claims .*ReLU.*'pass_through_module'"):
+        module_rule(nn.ReLU)(another_relu)
+    with pytest.raises(ValueError, match="op rule 'another_relu' claims 'relu', which op rule 'unary'"):
+        op_rule("relu")(another_relu)
+    assert "another_relu" not in MODULE_RULES and "another_relu" not in OP_RULES
 
 
 def test_permutations_round_trip_through_the_file_pair(tmp_path) -> None:
