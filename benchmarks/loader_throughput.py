@@ -19,7 +19,7 @@ from pathlib import Path
 from medmerge.data import generate_synthetic, load_npz, load_split, prepare_dataset, save_npz_atomic
 from medmerge.data.loader import ArrayBatches, place_on_device
 from medmerge.device import Runtime
-from medmerge.pipeline import make_transform
+from medmerge.train import make_transform
 
 from .results import row, runtime_label
 from .step_time import build_variant, example_batch, make_step, sync

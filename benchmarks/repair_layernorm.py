@@ -20,19 +20,14 @@ import torch
 from medmerge.config import MergeSettings, TrainSettings
 from medmerge.data.loader import ArrayBatches
 from medmerge.data.synthetic import generate_synthetic
+from medmerge.data.target import TargetData
 from medmerge.device import Runtime
+from medmerge.merge.alignment import align_sources
+from medmerge.merge.collapse import collapse
 from medmerge.methods import MergeInputs, run_merge_method
 from medmerge.metrics import classification_metrics
-from medmerge.models import create_model
-from medmerge.pipeline import (
-    TargetData,
-    align_sources,
-    collapse,
-    make_transform,
-    model_state_cpu,
-    train_classifier,
-)
-from medmerge.train import predict
+from medmerge.models import create_model, model_state_cpu
+from medmerge.train import make_transform, predict, train_classifier
 
 
 def dataset(task: str, size: int, n_train: int) -> TargetData:

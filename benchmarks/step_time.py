@@ -21,8 +21,8 @@ from torch import nn
 
 from medmerge.config import MergeSettings
 from medmerge.device import Runtime, resolve_runtime
+from medmerge.methods.medmerge import build_learned_merge
 from medmerge.models import create_model
-from medmerge.pipeline import build_kernel_merge
 
 from .results import row, runtime_label
 
@@ -46,7 +46,7 @@ def build_variant(arch: str, variant: str, runtime: Runtime, num_sources: int) -
         model = runtime.prepare(create_model(arch, num_classes=CLASSES)).train()
         return model, list(model.parameters())
     names = [f"s{i}" for i in range(num_sources)]
-    merge = build_kernel_merge(arch, sources_for(arch, num_sources), names, CLASSES, MergeSettings(anchor="s0"))
+    merge = build_learned_merge(arch, sources_for(arch, num_sources), names, CLASSES, MergeSettings(anchor="s0"))
     merge = runtime.prepare(merge).train()
     groups = merge.learnable_groups()
     return merge, groups["coefficients"] + groups["head"]

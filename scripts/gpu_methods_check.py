@@ -19,10 +19,10 @@ from medmerge.config import MergeSettings, TrainSettings
 from medmerge.data.loader import ArrayBatches
 from medmerge.data.target import TargetData
 from medmerge.device import resolve_runtime
+from medmerge.merge.alignment import align_sources
 from medmerge.merge.collapse import collapse
 from medmerge.methods import MergeInputs, run_merge_method
 from medmerge.models import create_model
-from medmerge.pipeline import align_sources
 from medmerge.scoring import score_test_split
 from medmerge.train import train_classifier
 

@@ -30,10 +30,10 @@ from medmerge.data.prepare import load_split
 from medmerge.io import atomic_directory, read_json, write_json
 from medmerge.methods import get_method
 from medmerge.metrics import confusion_matrix, reported_metrics, scalar_metrics
+from medmerge.model_registry import best_model, register_best_model
 from medmerge.models.checkpoint import CARD_FILE
 from medmerge.plots import plot_comparison, plot_confusion, plot_differences, plot_layerwise
 from medmerge.predictions import SplitPredictions, class_names, read_predictions
-from medmerge.model_registry import best_model, register_best_model
 from medmerge.report import (
     HEADERS,
     comparison_markdown,

@@ -31,11 +31,10 @@ from medmerge.config import MergeSettings, Params
 from medmerge.data.target import TargetData
 from medmerge.io import read_json, write_json
 from medmerge.jobs import finetune_merged_job, train_job
-from medmerge.merge.alignment import save_permutations
+from medmerge.merge.alignment import align_sources, save_permutations
 from medmerge.merge.collapse import collapse, merge_state_to_save
 from medmerge.methods import MergeInputs, MergeResult, run_merge_method
 from medmerge.models import load_model_dir, model_state_cpu, save_model_dir
-from medmerge.pipeline import align_sources
 from medmerge.plots import plot_layer_coefficients
 from medmerge.predictions import write_predictions
 from medmerge.scoring import split_predictions

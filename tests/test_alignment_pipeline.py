@@ -49,9 +49,8 @@ def tiny_params(arch: str, image_size: int) -> dict:
 
 
 def check_aligned_outputs(root: Path, arch: str) -> None:
-    from medmerge.merge.alignment import load_permutations
+    from medmerge.merge.alignment import alignment_skeleton, load_permutations
     from medmerge.models import create_model, load_model_dir
-    from medmerge.pipeline import alignment_skeleton
 
     _, spec = alignment_skeleton(arch)
     metrics = json.loads((root / "reports" / "metrics.json").read_text())

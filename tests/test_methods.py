@@ -19,10 +19,10 @@ from medmerge.config import ConfigError, MergeSettings, TrainSettings, parse_par
 from medmerge.data.loader import ArrayBatches
 from medmerge.data.target import TargetData
 from medmerge.device import Runtime
+from medmerge.merge.alignment import align_sources, apply_saved_permutations
 from medmerge.merge.collapse import collapse, merge_state_to_save, restore_merge_state
 from medmerge.methods import MERGE_METHODS, MergeInputs, get_method, rebuild_merge, run_merge_method
 from medmerge.models import create_model, head_keys, load_backbone
-from medmerge.pipeline import align_sources, apply_saved_permutations
 from medmerge.report import comparison_markdown, layerwise, summarize
 from medmerge.train import fit_linear_probe, make_transform, predict, train_classifier
 
