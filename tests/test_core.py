@@ -199,7 +199,7 @@ def test_zero_epochs_keeps_the_merged_model_unchanged() -> None:
     data = TargetData(*(ArrayBatches(images, labels, 4) for _ in range(3)), classes=["dark", "bright"])
     torch.manual_seed(3)
     state = timm.create_model("test_resnet", num_classes=2).state_dict()
-    settings = TrainSettings(epochs=5, lr=0.1)
+    settings = TrainSettings(epochs=5, lr=0.1, batch_size=32)
     model, history = train_classifier("test_resnet", state, data, settings, resolve_runtime("cpu"), epochs=0,
                                       keep_head=True)
     assert history.epochs == []

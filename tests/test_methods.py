@@ -88,6 +88,21 @@ def test_the_methods_say_what_they_are_and_whether_they_learn() -> None:
     assert [name for name, method in MERGE_METHODS.items() if method.learns_coefficients] == ["medmerge"]
 
 
+def test_a_method_name_is_taken_once() -> None:
+    from medmerge.methods import register_method
+    from medmerge.methods.fixed import FixedWeightMethod
+
+    class Impostor(FixedWeightMethod):
+        name = "average"
+
+        def run(self, inputs: MergeInputs):
+            raise AssertionError("never registered")
+
+    with pytest.raises(ValueError, match=r"merge method 'average' is registered twice: by medmerge\.methods\.average"):
+        register_method(Impostor)
+    assert type(get_method("average")).__module__ == "medmerge.methods.average"
+
+
 def readme_method() -> str:
     """The one file that README's "Adding a merge method" shows."""
     section = (REPO / "README.md").read_text().split("### Adding a merge method", 1)[1]
@@ -97,14 +112,12 @@ def readme_method() -> str:
 @pytest.fixture
 def weighted(tmp_path):
     """README's example method, imported from a file of its own; the registry is restored afterwards."""
-    saved = dict(MERGE_METHODS)
     path = tmp_path / "weighted_method.py"
     path.write_text(readme_method())
     spec = importlib.util.spec_from_file_location("weighted_method", path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     yield get_method("weighted")
-    MERGE_METHODS.clear()
-    MERGE_METHODS.update(saved)
+    MERGE_METHODS.remove("weighted")
 
 
 def test_a_method_in_a_new_file_is_registered_by_name_and_runs(weighted) -> None:

@@ -2,29 +2,31 @@
 synthetic, local npz and MedMNIST data; ``<dataset>.splits.csv`` + ``<dataset>.classes.json`` (the split
 manifest, no pixels) for an image folder or a CSV manifest of image files.
 
-Every origin is a function in :data:`DATA_ORIGINS` taking ``out_path`` (the ``.npz`` path) plus keyword
-options; what it writes appears only once it is complete and validated.
+Every origin is a function of :data:`DATA_ORIGINS`, registered with the pydantic model of its options:
+``fn(out_path, options) -> written path`` (``out_path`` is the ``.npz`` path); what it writes appears only
+once it is complete and validated. The config validates ``data.datasets.<name>.options`` with the models
+(:func:`dataset_options`) when params load, so this module imports pandas (image folders, CSV manifests)
+only inside its functions.
 """
 
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from medmerge.data.manifest import classes_path, manifest_path
 from medmerge.data.npz import DataError, load_npz, save_npz_atomic
-from medmerge.data.sources import fetch_csv, fetch_imagefolder
 from medmerge.data.synthetic import generate_synthetic
 from medmerge.download import ChecksumError, DownloadError, download_file, file_digest
 from medmerge.io import atomic_file
+from medmerge.registry import Options, OptionsError, Registry
 
 log = logging.getLogger("medmerge.data")
 
@@ -188,21 +190,40 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
 
 # ---------------------------------------------------------------- origins
 
+#: origin name -> ``fn(out_path, options) -> written path``, with the model of its options
+DATA_ORIGINS: Registry[Callable[[Path, Options], Path]] = Registry("data origin")
 
-def fetch_synthetic(
-    out_path: Path, *, task: str, n_train: int, n_val: int, n_test: int, image_size: int = 64, seed: int = 0
-) -> Path:
+
+class SyntheticOptions(Options):
+    task: str  # a key of medmerge.data.synthetic.SYNTHETIC_TASKS
+    n_train: int
+    n_val: int
+    n_test: int
+    image_size: int = 64
+    seed: int = 0
+
+
+@DATA_ORIGINS.register("synthetic", options=SyntheticOptions)
+def fetch_synthetic(out_path: Path, options: SyntheticOptions) -> Path:
     """Generate a synthetic task (see :mod:`medmerge.data.synthetic`) and save it."""
-    save_npz_atomic(out_path, generate_synthetic(task, n_train, n_val, n_test, image_size, seed))
+    task = generate_synthetic(options.task, options.n_train, options.n_val, options.n_test,
+                              options.image_size, options.seed)
+    save_npz_atomic(out_path, task)
     return out_path
 
 
-def fetch_npz(out_path: Path, *, path: str | Path, num_classes: int | None = None) -> Path:
+class NpzOptions(Options):
+    path: str | Path
+    num_classes: int | None = None
+
+
+@DATA_ORIGINS.register("npz", options=NpzOptions)
+def fetch_npz(out_path: Path, options: NpzOptions) -> Path:
     """Validate a local MedMNIST-layout file and copy it to ``out_path``."""
-    path = Path(path)
+    path = Path(options.path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    return _stage(out_path, lambda tmp: shutil.copyfile(path, tmp), str(path), num_classes)
+    return _stage(out_path, lambda tmp: shutil.copyfile(path, tmp), str(path), options.num_classes)
 
 
 def medmnist_filename(flag: str, size: int) -> str:
@@ -220,20 +241,22 @@ def medmnist_info(flag: str) -> MedMNISTInfo:
     return info
 
 
-def fetch_medmnist(
-    out_path: Path,
-    *,
-    flag: str,
-    size: int = 28,
-    root: str | Path | None = None,
-    url: str | None = None,
-    md5: str | None = None,
-) -> Path:
+class MedMNISTOptions(Options):
+    flag: str  # a key of MEDMNIST_FLAGS
+    size: int = 28  # one of MEDMNIST_SIZES
+    root: str | Path | None = None  # a folder that may hold the file already
+    url: str | None = None  # default: Zenodo's
+    md5: str | None = None  # default: the known checksum of a Zenodo download
+
+
+@DATA_ORIGINS.register("medmnist", options=MedMNISTOptions)
+def fetch_medmnist(out_path: Path, options: MedMNISTOptions) -> Path:
     """A MedMNIST file from ``root`` if present (md5 checked when given), else downloaded.
 
     Downloads from the default Zenodo URL are checked against the known v3 checksum unless ``md5`` is
     given. The copy at ``out_path`` gets the known class names added as ``class_names``.
     """
+    flag, size, root, url, md5 = options.flag, options.size, options.root, options.url, options.md5
     info = medmnist_info(flag)
     if size not in MEDMNIST_SIZES:
         raise DataError(f"MedMNIST size must be one of {MEDMNIST_SIZES}, got {size!r}")
@@ -250,63 +273,86 @@ def fetch_medmnist(
     return _stage(out_path, lambda tmp: download(url, tmp, md5), url, num_classes, info.class_names)
 
 
-DataOrigin = Callable[..., Path]
-
-#: origin name -> ``fn(out_path, **options) -> out_path``
-DATA_ORIGINS: dict[str, DataOrigin] = {
-    "synthetic": fetch_synthetic,
-    "npz": fetch_npz,
-    "medmnist": fetch_medmnist,
-    "imagefolder": fetch_imagefolder,
-    "csv": fetch_csv,
-}
+class ImageFolderOptions(Options):
+    root: str | Path
+    splits: dict[str, str] | None = None  # split -> its folder under root; None: found, or assigned
+    classes: list[str] | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
 
 
-def _check_options(origin: str, fn: DataOrigin, options: dict) -> None:
-    params = inspect.signature(fn).parameters.values()
-    allowed = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
-    required = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
-    unknown = sorted(set(options) - set(allowed))
-    missing = [name for name in required if name not in options]
-    if unknown or missing:
-        raise ValueError(
-            f"data origin {origin!r}: unknown option(s) {unknown}, missing option(s) {missing}; "
-            f"allowed options: {allowed} (required: {required})"
-        )
+@DATA_ORIGINS.register("imagefolder", options=ImageFolderOptions)
+def fetch_image_folder(out_path: Path, options: ImageFolderOptions) -> Path:
+    """:func:`medmerge.data.sources.fetch_imagefolder` with these options."""
+    from medmerge.data.sources import fetch_imagefolder
+
+    return fetch_imagefolder(out_path, **options.model_dump())
 
 
-def _with_classes(origin: str, fn: DataOrigin, options: dict, classes: list[str] | None) -> dict:
-    """Pass the dataset's ``classes`` to origins that take a ``classes`` option (it fixes label order)."""
-    if classes is None or "classes" not in inspect.signature(fn).parameters:
-        return options
-    if options.get("classes") not in (None, list(classes)):
-        raise ValueError(
-            f"data origin {origin!r}: options.classes {options['classes']} differs from the dataset's classes "
-            f"{list(classes)}; give the list once"
-        )
-    return {**options, "classes": list(classes)}
+class CsvOptions(Options):
+    path: str | Path
+    image_root: str | Path | list[str | Path] | None = None
+    path_column: str = "path"
+    path_template: str = "{}"
+    label_column: str | None = "label"
+    label_columns: list[str] | None = None
+    split_column: str | None = None
+    group_column: str | None = None
+    group_regex: str | None = None
+    classes: list[str] | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
 
 
-def fetch_dataset(origin: str, options: dict, out_path: Path, classes: list[str] | None = None) -> Path:
+@DATA_ORIGINS.register("csv", options=CsvOptions)
+def fetch_csv_manifest(out_path: Path, options: CsvOptions) -> Path:
+    """:func:`medmerge.data.sources.fetch_csv` with these options."""
+    from medmerge.data.sources import fetch_csv
+
+    return fetch_csv(out_path, **options.model_dump())
+
+
+def dataset_options(origin: str, options: Mapping[str, Any], classes: list[str] | None = None) -> Options:
+    """``options`` validated by ``origin``'s options model (:class:`~medmerge.registry.OptionsError` naming
+    the bad keys otherwise), with the dataset's ``classes`` for an origin that takes a ``classes`` option (it
+    fixes the label order)."""
+    model = DATA_ORIGINS.entry(origin).options
+    if classes is not None and "classes" in model.model_fields:
+        if options.get("classes") not in (None, list(classes)):
+            raise ValueError(f"data origin {origin!r}: options.classes {options['classes']} differs from the "
+                             f"dataset's classes {list(classes)}; give the list once")
+        options = {**options, "classes": list(classes)}
+    return DATA_ORIGINS.options(origin, options)
+
+
+def fetch_dataset(origin: str, options: Mapping[str, Any], out_path: Path,
+                  classes: list[str] | None = None) -> Path:
     """Write the dataset described by ``origin`` + ``options`` to ``out_path`` (MedMNIST npz layout).
 
     ``classes`` (the dataset's class list) is passed on to origins with a ``classes`` option.
     """
-    if origin not in DATA_ORIGINS:
-        raise ValueError(f"unknown data origin {origin!r}; known origins: {sorted(DATA_ORIGINS)}")
-    fn = DATA_ORIGINS[origin]
-    options = dict(options or {})
-    _check_options(origin, fn, options)
-    options = _with_classes(origin, fn, options, classes)
+    fetch = DATA_ORIGINS.get(origin)
+    try:
+        resolved = dataset_options(origin, options or {}, classes)
+    except OptionsError as error:
+        if not (error.unknown or error.missing):
+            raise
+        raise ValueError(f"data origin {origin!r}: unknown option(s) {error.unknown}, missing option(s) "
+                         f"{error.missing}; allowed options: {error.takes} (required: {error.requires})"
+                         ) from None
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    written = Path(fn(out_path, **options))
+    written = Path(fetch(out_path, resolved))
     _remove_other_forms(out_path, written)
     return written
 
 
 def _remove_other_forms(out_path: Path, written: Path) -> None:
     """A dataset's raw form is its npz or its manifest: remove the one the origin did not write now."""
+    from medmerge.data.manifest import classes_path, manifest_path
+
     stale = [out_path] if written != out_path else [manifest_path(out_path), classes_path(out_path)]
     for path in stale:
         path.unlink(missing_ok=True)

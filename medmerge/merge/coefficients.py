@@ -6,7 +6,8 @@ broadcast block of the tensor (``head``). A *normaliser* turns unconstrained log
 weights that are positive and sum to one across sources. Both are registries keyed by the names used in
 ``params.yaml`` (``merge.granularity``, ``merge.normalization``); granularities that need the model's
 structure (``head``) are in ``MODEL_GRANULARITIES`` and are built from the model by
-:func:`resolve_granularity`.
+:func:`resolve_granularity`. The config checks those names when params load, so this module imports torch
+only inside its functions.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
+from medmerge.registry import Registry, UnknownNameError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
 class GranularityError(ValueError):
@@ -37,7 +41,13 @@ class CoefficientMap:
 # (parameter name, parameter shape) -> (coefficient group name, coefficient shape or map)
 Granularity = Callable[[str, tuple[int, ...]], tuple[str, tuple[int, ...] | CoefficientMap]]
 
+GRANULARITIES: Registry[Granularity] = Registry("granularity")
+#: granularities built from the model's structure: name -> (model -> Granularity)
+MODEL_GRANULARITIES: Registry[Callable[[nn.Module], Granularity]] = Registry("model granularity")
+NORMALIZERS: Registry[Normalizer] = Registry("normalization")
 
+
+@GRANULARITIES.register("kernel")
 def _kernel(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
     """One coefficient per output channel: a conv filter, a linear row, a norm/bias channel."""
     if not shape:
@@ -45,6 +55,7 @@ def _kernel(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
     return name, (shape[0],) + (1,) * (len(shape) - 1)
 
 
+@GRANULARITIES.register("slice")
 def _slice(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
     """One coefficient per 2-D spatial kernel (out x in) of a conv or per weight of a linear layer."""
     if len(shape) < 2:
@@ -52,25 +63,19 @@ def _slice(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
     return name, (shape[0], shape[1]) + (1,) * (len(shape) - 2)
 
 
+@GRANULARITIES.register("layer")
 def _layer(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
     """One coefficient per parameter tensor."""
     return name, (1,) * len(shape)
 
 
+@GRANULARITIES.register("model")
 def _model(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
     """One coefficient per source for the whole network (task-wise, as in AdaMerging).
 
     The group is shared by tensors of every rank, so its coefficient is a scalar: a ``(1,) * ndim`` shape
     taken from the first tensor would broadcast lower-rank tensors (biases, norms) up to a wrong shape."""
     return "model", ()
-
-
-GRANULARITIES: dict[str, Granularity] = {
-    "kernel": _kernel,
-    "slice": _slice,
-    "layer": _layer,
-    "model": _model,
-}
 
 # timm attention modules whose fused ``qkv`` rows are [q heads | k heads | v heads] (``reshape(B, N, 3, H,
 # head_dim)``) or whose ``q_proj``/``k_proj``/``v_proj`` rows are heads in order, and whose ``proj`` reads the
@@ -98,6 +103,8 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _linear(module: nn.Module, name: str, out_features: int) -> nn.Linear | None:
+    from torch import nn
+
     linear = getattr(module, name, None)
     return linear if isinstance(linear, nn.Linear) and linear.out_features == out_features else None
 
@@ -105,6 +112,9 @@ def _linear(module: nn.Module, name: str, out_features: int) -> nn.Linear | None
 def _attention_heads(prefix: str, attention: nn.Module) -> dict[str, Tensor] | None:
     """The head index of every position of one attention block's q/k/v and proj tensors, by parameter name
     (broadcastable index tensors); None where the block is not laid out as expected."""
+    import torch
+    from torch import nn
+
     heads, proj = getattr(attention, "num_heads", None), getattr(attention, "proj", None)
     if not isinstance(heads, int) or not isinstance(proj, nn.Linear) or proj.in_features % heads:
         return None
@@ -137,6 +147,7 @@ def _architecture(model: nn.Module) -> str:
     return config.get("architecture") or type(model).__name__
 
 
+@MODEL_GRANULARITIES.register("head")
 def head_granularity(model: nn.Module) -> Granularity:
     """``head``: one coefficient per attention head of every timm attention block, shared by that head's q, k
     and v rows (weights and biases; fused ``qkv`` or separate ``q_proj``/``k_proj``/``v_proj``) and by the
@@ -145,6 +156,8 @@ def head_granularity(model: nn.Module) -> Granularity:
     are the group ``<name>.heads`` of shape ``(num_heads,)``.
 
     Raises :class:`GranularityError` where ``model`` has no such attention block."""
+    import torch
+
     maps: dict[str, tuple[str, Tensor, int]] = {}  # parameter -> (group, index, heads)
     types = _attention_types()
     for prefix, module in model.named_modules():
@@ -155,7 +168,7 @@ def head_granularity(model: nn.Module) -> Granularity:
         raise GranularityError(
             f"merge.granularity 'head' needs attention blocks (timm Attention with num_heads, a fused qkv or "
             f"q_proj/k_proj/v_proj Linear and a proj Linear); arch '{_architecture(model)}' has none: "
-            f"use one of {sorted(GRANULARITIES)}"
+            f"use one of {GRANULARITIES.names()}"
         )
 
     def grouping(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...] | CoefficientMap]:
@@ -168,23 +181,30 @@ def head_granularity(model: nn.Module) -> Granularity:
     return grouping
 
 
-MODEL_GRANULARITIES: dict[str, Callable[[nn.Module], Granularity]] = {"head": head_granularity}
+def check_granularity(name: str) -> str:
+    """``name`` if it names a granularity (of ``GRANULARITIES`` or ``MODEL_GRANULARITIES``), else
+    :class:`~medmerge.registry.UnknownNameError` listing them."""
+    if name not in GRANULARITIES and name not in MODEL_GRANULARITIES:
+        raise UnknownNameError(f"unknown granularity '{name}'; expected one of "
+                               f"{sorted([*GRANULARITIES, *MODEL_GRANULARITIES])}")
+    return name
 
 
 def resolve_granularity(name: str, model: nn.Module) -> Granularity:
     """The granularity ``name`` for ``model`` (a key of ``GRANULARITIES`` or ``MODEL_GRANULARITIES``)."""
-    if name in GRANULARITIES:
+    if check_granularity(name) in GRANULARITIES:
         return GRANULARITIES[name]
-    if name in MODEL_GRANULARITIES:
-        return MODEL_GRANULARITIES[name](model)
-    raise ValueError(f"unknown merge.granularity '{name}'; expected one of "
-                     f"{sorted([*GRANULARITIES, *MODEL_GRANULARITIES])}")
+    return MODEL_GRANULARITIES[name](model)
 
 
 class Normalizer:
     """Maps logits of shape ``(num_logits, *shape)`` to weights of shape ``(num_sources, *shape)``."""
 
     name = "softmax"
+
+    def check(self, num_sources: int) -> None:  # noqa: B027 (a hook: softmax weighs any number)
+        """Raise ``ValueError`` if this normalisation cannot weigh ``num_sources`` sources; the message
+        continues the method's name ("medmerge with normalization ... needs ...")."""
 
     def num_logits(self, num_sources: int) -> int:
         return num_sources
@@ -194,6 +214,8 @@ class Normalizer:
         return logits.reshape(-1, *([1] * len(shape))).expand(-1, *shape).clone()
 
     def weights(self, logits: Tensor) -> Tensor:
+        import torch
+
         return torch.softmax(logits, dim=0)
 
 
@@ -202,35 +224,52 @@ class SigmoidNormalizer(Normalizer):
 
     name = "sigmoid"
 
-    def num_logits(self, num_sources: int) -> int:
+    def check(self, num_sources: int) -> None:
         if num_sources != 2:
-            raise ValueError(f"sigmoid normalisation needs exactly two sources, got {num_sources}")
+            raise ValueError(f"with normalization 'sigmoid' needs exactly two sources, got {num_sources}")
+
+    def num_logits(self, num_sources: int) -> int:
+        self.check(num_sources)
         return 1
 
     def init_logits(self, init_weights: Tensor, shape: tuple[int, ...]) -> Tensor:
+        import torch
+
         first = float(init_weights[0])
         logit = math.log(first / (1.0 - first))
         return torch.full((1, *shape), logit, dtype=init_weights.dtype)
 
     def weights(self, logits: Tensor) -> Tensor:
+        import torch
+
         first = torch.sigmoid(logits)
         return torch.cat([first, 1.0 - first], dim=0)
 
 
-NORMALIZERS: dict[str, Normalizer] = {"softmax": Normalizer(), "sigmoid": SigmoidNormalizer()}
+NORMALIZERS.add(Normalizer.name, Normalizer())
+NORMALIZERS.add(SigmoidNormalizer.name, SigmoidNormalizer())
+
+
+def check_normalization(name: str) -> str:
+    """``name`` if it is ``auto`` or a key of ``NORMALIZERS``, else
+    :class:`~medmerge.registry.UnknownNameError` listing them."""
+    if name != "auto" and name not in NORMALIZERS:
+        raise UnknownNameError(f"unknown normalization '{name}'; expected 'auto' or one of "
+                               f"{NORMALIZERS.names()}")
+    return name
 
 
 def resolve_normalizer(name: str, num_sources: int) -> Normalizer:
     """``auto`` is sigmoid for two sources (one logit per kernel) and softmax otherwise."""
-    if name == "auto":
+    if check_normalization(name) == "auto":
         name = "sigmoid" if num_sources == 2 else "softmax"
-    if name not in NORMALIZERS:
-        raise ValueError(f"unknown merge.normalization '{name}'; expected one of {sorted(NORMALIZERS)} or 'auto'")
     return NORMALIZERS[name]
 
 
 def initial_weights(num_sources: int, anchor_index: int, anchor_weight: float) -> Tensor:
     """The anchor source starts at ``anchor_weight``; the others share the rest equally."""
+    import torch
+
     if num_sources < 2:
         raise ValueError(f"merging needs at least two sources, got {num_sources}")
     if not 0.0 < anchor_weight < 1.0:

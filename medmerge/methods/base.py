@@ -3,21 +3,22 @@
 A method is one :class:`MergeMethod` subclass in one file of this package, registered under its ``name``
 with :func:`register_method`. It declares:
 
-- ``settings``: a pydantic model (:class:`MethodSettings`) of its own keys, with the values it accepts. A
-  field named like a key of :class:`~medmerge.config.MergeSettings` reads that key (the built-in methods'
-  keys sit in ``merge`` / ``methods.<name>`` directly, so that ``merge`` holds their shared defaults); any
-  other field is read from ``options`` (``methods.<name>.options.<key>``). The config validates
-  ``methods.<name>`` with it (:meth:`MergeMethod.validate`), naming the bad key.
+- ``settings``: a pydantic model (:class:`MethodSettings`) of its own keys: their types, constraints and
+  defaults, declared there alone. Its keys are read from ``options`` (``methods.<name>.options.<key>``),
+  unless the model sets ``keys_in_merge`` (the built-in methods): then they are keys of ``merge`` itself,
+  which :mod:`medmerge.config` builds from those models, so that ``merge`` holds their shared defaults and
+  every entry of ``methods`` may override them. The config validates ``methods.<name>`` with the model
+  (:meth:`MergeMethod.validate`), naming the bad key.
 - ``learns_coefficients``: whether its coefficients are learned (the report's layer-wise plot shows those).
 - ``describe(settings)``: the report's "kind" text; ``check(settings, source_names)``: checks across keys
   or against the sources.
 - ``run(inputs)``: the merge, with its coefficients and target head set; ``rebuild(...)``: an empty merge of
   the same shape, for ``collapse`` to load the saved merge state into.
 
-Nothing in this package imports torch at module level: ``medmerge.config`` imports the package (late, in its
-validators) to check ``methods.<name>`` when params are read, before any model is built. The torch-side
-work (:mod:`medmerge.train`, :mod:`medmerge.merge`) is imported inside the functions that run a merge:
-``run`` / ``rebuild`` and the helpers of :mod:`medmerge.methods.fixed`.
+Nothing in this package imports torch at module level: ``medmerge.config`` imports the package to build
+``merge``'s model and to check ``methods.<name>`` when params are read, before any model is built. The
+torch-side work (:mod:`medmerge.train`, :mod:`medmerge.merge`) is imported inside the functions that run a
+merge: ``run`` / ``rebuild`` and the builders of :mod:`medmerge.methods.medmerge` and :mod:`medmerge.methods.fixed`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from medmerge.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -67,9 +70,17 @@ class MergeResult:
 
 
 class MethodSettings(BaseModel):
-    """A method's own keys (subclass it; no fields: the method has none)."""
+    """A method's own keys (subclass it; no fields: the method has none), read from
+    ``methods.<name>.options``.
+
+    ``keys_in_merge = True`` makes them keys of ``merge`` instead (``merge.<key>``, overridden by
+    ``methods.<name>.<key>``), for the methods in this package; every key must then have a default (the
+    value params.yaml gives it) and carry its constraints in its type (``Field``, ``Annotated``), since
+    ``merge``'s model copies the fields. Checks across keys go in :meth:`MergeMethod.check`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    keys_in_merge: ClassVar[bool] = False
 
 
 class MethodSettingsError(ValueError):
@@ -139,26 +150,21 @@ class MergeMethod(ABC):
         """An empty merge of the shape :meth:`run` produces, ready for ``restore_merge_state``."""
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}  # name -> method, filled as this package's modules are imported
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")  # filled as this package's modules import
 Method = TypeVar("Method", bound=type[MergeMethod])
 
 
 def register_method(cls: Method) -> Method:
-    """Class decorator: make ``cls`` available as ``method: <cls.name>``."""
-    existing = MERGE_METHODS.get(cls.name)
-    if existing is not None and (type(existing).__module__, type(existing).__qualname__) != (
-            cls.__module__, cls.__qualname__):
-        raise ValueError(f"merge method '{cls.name}' is registered twice: by {type(existing).__module__} and "
-                         f"{cls.__module__}")
-    MERGE_METHODS[cls.name] = cls()
+    """Class decorator: make ``cls`` available as ``method: <cls.name>`` (a name taken by another class is
+    an error)."""
+    MERGE_METHODS.add(cls.name, cls())
     return cls
 
 
 def get_method(name: str) -> MergeMethod:
-    """The method registered as ``name``."""
-    if name not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method '{name}'; expected one of {sorted(MERGE_METHODS)}")
-    return MERGE_METHODS[name]
+    """The method registered as ``name``; :class:`~medmerge.registry.UnknownNameError` listing them
+    otherwise."""
+    return MERGE_METHODS.get(name)
 
 
 def run_merge_method(inputs: MergeInputs) -> MergeResult:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import field_validator
+from pydantic import Field
 
 from medmerge.methods.base import MergeInputs, MergeResult, MethodSettings, register_method
 from medmerge.methods.fixed import FixedWeightMethod, fixed_weight_merge
@@ -19,14 +19,12 @@ log = logging.getLogger("medmerge.methods")
 
 
 class InterpolateSettings(MethodSettings):
-    alphas: list[float]  # the anchor's weights tried (merge.alphas)
+    """``merge.alphas`` (the default is params.yaml's)."""
 
-    @field_validator("alphas")
-    @classmethod
-    def _alphas_in_unit_interval(cls, alphas: list[float]) -> list[float]:
-        if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
-            raise ValueError(f"expected a non-empty list of weights in [0, 1] for the anchor, got {alphas}")
-        return alphas
+    keys_in_merge = True
+
+    # the anchor's weights tried, each in [0, 1]
+    alphas: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
 
 
 @register_method

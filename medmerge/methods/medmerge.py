@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
+from medmerge.merge.coefficients import check_granularity, check_normalization, resolve_normalizer
 from medmerge.methods.base import MergeInputs, MergeMethod, MergeResult, MethodSettings, register_method
 
 if TYPE_CHECKING:
@@ -22,14 +23,20 @@ if TYPE_CHECKING:
 
 
 class MedMergeSettings(MethodSettings):
-    granularity: Literal["kernel", "layer", "slice", "model", "head"]  # head: attention blocks only (ViTs)
-    normalization: Literal["auto", "softmax", "sigmoid"]
-    init_coefficient: float = Field(gt=0, lt=1)  # the anchor's initial weight
-    lr: float = Field(gt=0)  # of the coefficient logits
-    head_lr: float = Field(gt=0)
-    epochs: int = Field(ge=0)
-    train_sources: bool  # the non-anchor sources learn too, at source_lr
-    source_lr: float = Field(gt=0)
+    """``merge.<key>`` (the defaults are params.yaml's)."""
+
+    keys_in_merge = True
+
+    lr: float = Field(0.1, gt=0)  # of the coefficient logits
+    head_lr: float = Field(1e-3, gt=0)  # of the new target head
+    epochs: int = Field(10, ge=0)
+    # a key of GRANULARITIES or MODEL_GRANULARITIES (medmerge.merge.coefficients); head: ViTs only
+    granularity: Annotated[str, AfterValidator(check_granularity)] = "kernel"
+    # auto (sigmoid for two sources, softmax for more) or a key of NORMALIZERS
+    normalization: Annotated[str, AfterValidator(check_normalization)] = "auto"
+    train_sources: bool = False  # the non-anchor sources learn too, at source_lr
+    source_lr: float = Field(1e-4, gt=0)
+    init_coefficient: float = Field(0.8, gt=0, lt=1)  # the anchor's initial weight
 
 
 @register_method
@@ -42,8 +49,7 @@ class MedMerge(MergeMethod):
         return f"{self.name} ({settings.granularity})"
 
     def check(self, settings: MergeSettings, source_names: Sequence[str]) -> None:
-        if settings.normalization == "sigmoid" and len(source_names) != 2:
-            raise ValueError(f"with normalization 'sigmoid' needs exactly two sources, got {len(source_names)}")
+        resolve_normalizer(settings.normalization, len(source_names)).check(len(source_names))
 
     def run(self, inputs: MergeInputs) -> MergeResult:
         merge = build_learned_merge(inputs.arch, inputs.sources, inputs.source_names, inputs.data.num_classes,
