@@ -32,7 +32,7 @@ from medmerge.data.target import TargetData
 from medmerge.io import read_json, write_json
 from medmerge.jobs import finetune_merged_job, train_job
 from medmerge.merge.alignment import align_sources, save_permutations
-from medmerge.merge.collapse import collapse, merge_state_to_save
+from medmerge.merge.collapse import collapse, merge_state_to_save, recalibrate_on_target
 from medmerge.methods import MergeInputs, MergeResult, run_merge_method
 from medmerge.models import load_model_dir, model_state_cpu, save_model_dir
 from medmerge.plots import plot_layer_coefficients
@@ -75,17 +75,22 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
         tracker.log_dataset(layout.processed_dir(params.data.target), params.data.target, TRAINING_SPLITS)
         result = run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed,
                                               on_epoch=tracker.log_epoch, resume=stage_resume(params)))
-        merge = result.merge.cpu()
+        merge = result.merge.cpu() if result.merge is not None else None
         info = {
             "name": method, "method": settings.method, "seed": seed, "arch": params.arch,
             "sources": names, "sources_from": settings.sources_from, "classes": data.classes,
-            "num_classes": data.num_classes, "granularity": merge.granularity,
-            "normalization": merge.normalizer.name, "anchor": settings.anchor, "align": settings.align,
-            "alignment": alignment, "train_sources": settings.train_sources,
-            "best_val_f1_macro": result.val_f1, "mean_coefficient": merge.source_means(), **result.details,
-            "compute": runtime.compute,
+            "num_classes": data.num_classes, "granularity": merge.granularity if merge else None,
+            "normalization": merge.normalizer.name if merge else None, "anchor": settings.anchor,
+            "align": settings.align, "alignment": alignment, "train_sources": settings.train_sources,
+            "best_val_f1_macro": result.val_f1, "mean_coefficient": merge.source_means() if merge else None,
+            **result.details, "compute": runtime.compute,
         }
         if not distributed.is_main():  # every process holds the same coefficients; rank 0 writes them
+            return result, info
+        if merge is None:  # a merged model built directly: no coefficients to save
+            write_json(out / "merge.json", info)
+            tracker.log_metrics({"best_val_f1_macro": result.val_f1})
+            tracker.log_artifacts(out, artifact_path="coefficients")
             return result, info
         summary = merge.layer_summary()
         # one metadata key: safetensors writes several in a random order, and the file would change every run
@@ -112,8 +117,15 @@ def collapse_learned(result: MergeResult, info: dict, method: str, params: Param
                      seed: int, runtime, data: TargetData, out: Path) -> tuple[dict, dict]:
     """Step 2: the learned merge as one ordinary model (BatchNorm recalibrated, REPAIR, on ``data.train``),
     written to ``out``; its state and card."""
-    model = collapse(result.merge, info["arch"], info["num_classes"], data if settings.bn_recalibration else None,
-                     runtime, seed=seed, repair_data=data if settings.repair else None)
+    if result.merge is None:  # the method built the merged model itself
+        model = runtime.prepare(result.model)
+        if settings.bn_recalibration:
+            recalibrate_on_target(model, info["arch"], data, runtime, seed)
+        model.eval()
+    else:
+        model = collapse(result.merge, info["arch"], info["num_classes"],
+                         data if settings.bn_recalibration else None, runtime, seed=seed,
+                         repair_data=data if settings.repair else None)
     card = {"arch": info["arch"], "num_classes": info["num_classes"], "classes": info["classes"],
             "task": params.data.target, "stage": "collapse", "method": method,
             "merge_method": settings.method, "sources": info["sources"], "seed": seed,

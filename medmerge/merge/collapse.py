@@ -57,9 +57,14 @@ def collapse(
         count = repair_merged(model, merge, repair_data.train, make_transform(arch, runtime, seed))
         log.info("REPAIR corrected %d layers on %d target training images", count, len(repair_data.train.images))
     if data is not None:
-        count = recalibrate_batchnorm(model, data.train, make_transform(arch, runtime, seed))
-        log.info("recalibrated %d BatchNorm layers on %d target training images", count, len(data.train.images))
+        recalibrate_on_target(model, arch, data, runtime, seed)
     return model.eval()
+
+
+def recalibrate_on_target(model: nn.Module, arch: str, data: TargetData, runtime: Runtime, seed: int = 0) -> None:
+    """Recompute ``model``'s BatchNorm statistics on ``data.train`` (a merged model's last step)."""
+    count = recalibrate_batchnorm(model, data.train, make_transform(arch, runtime, seed))
+    log.info("recalibrated %d BatchNorm layers on %d target training images", count, len(data.train.images))
 
 
 def repair_merged(model: nn.Module, merge: KernelMerge, batches: ArrayBatches, transform: DeviceTransform) -> int:

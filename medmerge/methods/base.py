@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from medmerge.registry import Registry
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from torch import Tensor, nn
 
     from medmerge.config import MergeSettings
     from medmerge.data.target import TargetData
@@ -61,12 +61,23 @@ class MergeInputs:
 
 @dataclass
 class MergeResult:
-    """The merge with its coefficients and head set, its validation macro F1, and method-specific details
-    (``alpha``, ``best_epoch``...) for ``merge.json`` and MLflow."""
+    """What a method made, its validation macro F1, and method-specific details (``alpha``, ``best_epoch``...)
+    for ``merge.json`` and MLflow.
 
-    merge: KernelMerge
+    A coefficient merge returns ``merge`` (its coefficients and head set), which the stage collapses into one
+    model; a method that builds the merged weights itself (by feature matching, least squares or
+    distillation) returns ``merge=None`` and ``model``: an ordinary timm model of the sources' architecture
+    with its target head, which the stage only recalibrates (``bn_recalibration``) before fine-tuning.
+    """
+
+    merge: KernelMerge | None
     val_f1: float
     details: dict = field(default_factory=dict)
+    model: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if (self.merge is None) == (self.model is None):
+            raise ValueError("a merge result holds a coefficient merge or a merged model, exactly one of them")
 
 
 class MethodSettings(BaseModel):
@@ -144,10 +155,12 @@ class MergeMethod(ABC):
     def run(self, inputs: MergeInputs) -> MergeResult:
         """Merge ``inputs.sources`` for the target task: the merge with its coefficients and head set."""
 
-    @abstractmethod
     def rebuild(self, arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str],
                 num_classes: int, settings: MergeSettings) -> KernelMerge:
-        """An empty merge of the shape :meth:`run` produces, ready for ``restore_merge_state``."""
+        """An empty merge of the shape :meth:`run` produces, ready for ``restore_merge_state`` (a coefficient
+        merge's method overrides it; a method that returns a merged model has no merge state to reopen)."""
+        raise ValueError(f"merge method '{self.name}' builds its merged model directly: it saves no merge state "
+                         "to rebuild")
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")  # filled as this package's modules import
