@@ -173,17 +173,32 @@ def test_a_new_seed_runs_only_that_seeds_stages(repo) -> None:
     assert {"pretrain@imagenet-2", "baseline@lpft-scratch-2", "merge@medmerge-2", "evaluate"} <= set(changed)
 
 
-def test_collapsed_checkpoints_load_strictly_into_timm(repo) -> None:
+def test_collapsed_checkpoints_load_strictly_into_timm_and_predict_what_the_pipeline_recorded(repo) -> None:
+    """Each merged model loads into a plain ``timm.create_model`` (strict) and, with timm's own data config,
+    gives the test logits its stage wrote to predictions.csv."""
+    import numpy as np
+    import pandas as pd
     import timm
+    import torch
     from safetensors.torch import load_file
 
     root, _ = repo
+    images = np.load(root / "data/processed/lesions/test_images.npy")[:8]
     for method in MERGES:
         for stage in ("merged", "merged_ft"):
             model_dir = root / f"models/{stage}/{method}/seed_1"
             card = json.loads((model_dir / "card.json").read_text())
             model = timm.create_model(card["arch"], num_classes=card["num_classes"])
             model.load_state_dict(load_file(model_dir / "model.safetensors"), strict=True)
+            config = timm.data.resolve_data_config({}, model=model)
+            mean, std = (torch.tensor(config[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+            x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+            with torch.no_grad():
+                logits = model.eval()(x).numpy()
+            recorded = pd.read_csv(model_dir / "predictions.csv")
+            recorded = recorded[recorded["split"] == "test"].sort_values("index").filter(like="logit.")
+            np.testing.assert_allclose(logits, recorded.to_numpy()[:8], rtol=0, atol=1e-3,
+                                       err_msg=f"{stage}/{method}")
 
 
 def test_mlflow_holds_every_method_with_f1_and_coefficients(repo) -> None:
