@@ -14,10 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from medmerge.errors import InputError
+
 PARAMS_FILE = "params.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, InputError):
     """A params file that cannot be used; the message names the file and the key."""
 
 

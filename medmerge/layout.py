@@ -1,4 +1,5 @@
-"""Where each stage writes, relative to the repository root; ``dvc.yaml`` declares the same paths.
+"""Where each stage writes, relative to the repository root (:func:`repo_root`); ``dvc.yaml`` declares the
+same paths.
 
 Every run that depends on a seed (``params.yaml`` ``seeds``) is one DVC stage per seed. The models a merge
 reads for one seed sit together, seed first (``models/pretrained/seed_<n>/<source>``), so that a merge of
@@ -8,6 +9,7 @@ seed ``n`` depends on exactly that seed's sources; a merge's own outputs sit und
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 RAW = Path("data/raw")
@@ -22,6 +24,11 @@ REPORTS = Path("reports")
 # the single-source baselines (params.yaml `baselines`): models/<baseline>/seed_<n>/<source>
 BASELINES = {"ft": Path("models/ft"), "lpft": Path("models/lpft")}
 PREDICTIONS = "predictions.csv"  # in every evaluated model's directory: val and test logits
+
+
+def repo_root() -> Path:
+    """The real repository root: ``DVC_ROOT`` under DVC (also in temporary experiment copies), else cwd."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def raw_file(dataset: str) -> Path:

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, fx, nn
 
+from medmerge.errors import InputError
+
 log = logging.getLogger("medmerge.alignment")
 
 __all__ = [
@@ -58,7 +60,7 @@ __all__ = [
 _HINT = "weight-matching alignment follows conv/linear/norm/attention layers and channel-wise ops (use merge.align: none)"
 
 
-class AlignmentError(ValueError):
+class AlignmentError(ValueError, InputError):
     """The model contains a layer or an operation whose channel symmetry alignment cannot follow."""
 
 

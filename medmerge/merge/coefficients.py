@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from medmerge.errors import InputError
 
-class GranularityError(ValueError):
+
+class GranularityError(ValueError, InputError):
     """A granularity the model cannot have (``head`` on a network without attention blocks)."""
 
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medmerge.errors import InputError
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -30,11 +32,11 @@ WEIGHT_ORIGINS: dict[str, str] = {
 }
 
 
-class OriginError(ValueError):
+class OriginError(ValueError, InputError):
     """An unknown origin, or options that do not fit it."""
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(RuntimeError, InputError):
     """Weights that cannot be obtained here (not cached offline, unreachable URL, package not installed)."""
 
 
