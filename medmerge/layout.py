@@ -31,8 +31,13 @@ def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
+def raw_dir(dataset: str) -> Path:
+    """What ``fetch_data`` writes for ``dataset``: its :func:`raw_file` or an image manifest in place of it."""
+    return RAW / dataset
+
+
 def raw_file(dataset: str) -> Path:
-    return RAW / dataset / f"{dataset}.npz"
+    return raw_dir(dataset) / f"{dataset}.npz"
 
 
 def processed_dir(dataset: str) -> Path:

@@ -261,6 +261,32 @@ def test_data_stages_run_without_torch(tmp_path: Path) -> None:
     assert (root / "data" / "processed" / "lesions").is_dir()
 
 
+def test_a_failed_fetch_data_stops_with_one_line_and_leaves_no_directory(tmp_path: Path) -> None:
+    """A truncated ``.npz`` (``origin: npz``) stops ``fetch_data`` with one line naming the file; neither
+    ``data/raw/<dataset>/`` nor ``data/raw`` is left behind."""
+    import subprocess
+    import sys
+
+    import yaml
+    from repo_harness import REPO, copy_repo, stage_env
+
+    from medmerge.data.synthetic import generate_synthetic
+
+    arrays = tmp_path / "arrays.npz"
+    np.savez(arrays, **generate_synthetic("lesions", 8, 4, 4, 16, 0))
+    arrays.write_bytes(arrays.read_bytes()[:-200])  # cut short: the zip directory at its end is gone
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["datasets"]["lesions"].update(origin="npz", options={"path": str(arrays)})
+    (tmp_path / "repo").mkdir()
+    root = copy_repo(tmp_path / "repo", params)
+    out = subprocess.run([sys.executable, "-m", "stages.fetch_data", "lesions"], cwd=root, env=stage_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert f"ERROR medmerge.stage: {arrays}: not a readable .npz file" in line, out.stderr
+    assert not (root / "data" / "raw").exists()
+
+
 def test_every_input_error_stops_a_stage_with_its_message(caplog: pytest.LogCaptureFixture) -> None:
     """Each library's bad-input error derives from ``InputError``: ``run`` exits 1 with its message."""
     from medmerge.config import ConfigError
