@@ -116,7 +116,9 @@ class TrainSettings(_Section):
     class_weighted: bool = False  # cross-entropy weighted by inverse class frequency (imbalanced data)
 
 
-BASELINES = ("ft", "lpft")  # single-source baselines: full fine-tuning, linear probe then fine-tuning
+#: the single-source baselines (``baselines``; models/<baseline>/seed_<n>/<source>): full fine-tuning, linear
+#: probe then fine-tuning; each with its name in the report
+BASELINES = {"ft": "FT", "lpft": "LP-FT"}
 
 
 class MergeSettings(_Section):
@@ -130,7 +132,7 @@ class MergeSettings(_Section):
     """
 
     method: str = "medmerge"  # a method of medmerge.methods.MERGE_METHODS
-    sources_from: Literal["pretrained", "ft", "lpft"] = "pretrained"
+    sources_from: Literal[("pretrained", *BASELINES)] = "pretrained"
     align: Literal["none", "weight_matching"] = "none"  # permute non-anchor sources onto the anchor first
     alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # interpolate: its grid
     lr: float = 0.01  # medmerge: of the coefficient logits
@@ -213,7 +215,7 @@ class Params(_Section):
     sources: dict[str, SourceSettings]
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     # at least one: the best of them (on validation) is the reference of every paired comparison
-    baselines: list[Literal["ft", "lpft"]] = Field(default_factory=lambda: ["ft"], min_length=1)
+    baselines: list[Literal[tuple(BASELINES)]] = Field(default_factory=lambda: ["ft"], min_length=1)
     pretrain: TrainSettings
     finetune: TrainSettings
     merge: MergeSettings

@@ -14,15 +14,15 @@ from pathlib import Path
 
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
+# pretrained/seed_<n>/<source>: pretrained, or a pointer to the source as given;
+# <baseline>/seed_<n>/<source>: a single-source baseline (params.yaml `baselines`)
+MODELS = Path("models")
 SOURCES = Path("models/sources")
-PRETRAINED = Path("models/pretrained")  # seed_<n>/<source>: pretrained, or a pointer to the source as given
 MERGE = Path("models/merge")  # <method>/seed_<n>: coefficients, merge state, layer summary
 MERGED = Path("models/merged")  # <method>/seed_<n>: the collapsed model
 MERGED_FT = Path("models/merged_ft")  # <method>/seed_<n>: the collapsed model fine-tuned
 REPORTS = Path("reports")
 
-# the single-source baselines (params.yaml `baselines`): models/<baseline>/seed_<n>/<source>
-BASELINES = {"ft": Path("models/ft"), "lpft": Path("models/lpft")}
 PREDICTIONS = "predictions.csv"  # in every evaluated model's directory: val and test logits
 
 
@@ -49,9 +49,9 @@ def seed_dir(directory: Path, seed: int) -> Path:
 
 
 def source_dir(sources_from: str, source: str, seed: int) -> Path:
-    """A source as seed ``seed`` uses it: ``pretrained`` (or used as given) or a baseline's model."""
-    root = PRETRAINED if sources_from == "pretrained" else BASELINES[sources_from]
-    return seed_dir(root, seed) / source
+    """A source as seed ``seed`` uses it (``merge.sources_from``): ``pretrained`` (or used as given) or a
+    baseline's model, ``models/<sources_from>/seed_<n>/<source>``."""
+    return seed_dir(MODELS / sources_from, seed) / source
 
 
 def merge_dir(stage_root: Path, method: str, seed: int) -> Path:
