@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from medmerge.errors import InputError
 from medmerge.io import atomic_file
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "http://", "https://")
@@ -99,11 +100,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The stages' bad-input errors, and MLflow's (an unknown model name or version) once MLflow is loaded."""
-    from medmerge.stage import input_errors
-
+    """Bad input (as in the stages), and MLflow's errors (an unknown model name or version) once MLflow is
+    loaded."""
     mlflow = sys.modules.get("mlflow.exceptions")
-    return (*input_errors(), *((mlflow.MlflowException,) if mlflow else ()))
+    return (InputError, FileNotFoundError, *((mlflow.MlflowException,) if mlflow else ()))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

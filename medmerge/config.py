@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from medmerge.data.fetch import DATA_ORIGINS, dataset_options
+from medmerge.errors import InputError
 from medmerge.methods import MERGE_METHODS, MethodSettingsError, get_method
 from medmerge.models.origins import WEIGHT_ORIGINS
 from medmerge.registry import OptionsError
@@ -34,7 +35,7 @@ from medmerge.registry import OptionsError
 PARAMS_FILE = "params.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, InputError):
     """A params file that cannot be used; the message names the file and the key."""
 
 
@@ -141,14 +142,17 @@ class TrainSettings(_Section):
     class_weighted: bool = False  # cross-entropy weighted by inverse class frequency (imbalanced data)
 
 
-Baseline = Literal["ft", "lpft"]  # single-source baselines: full fine-tuning, linear probe then fine-tuning
+#: the single-source baselines (``baselines``; models/<baseline>/seed_<n>/<source>): full fine-tuning, linear
+#: probe then fine-tuning; each with its name in the report
+BASELINES = {"ft": "FT", "lpft": "LP-FT"}
+Baseline = Literal[tuple(BASELINES)]
 
 
 class _SharedMergeSettings(_Section):
     """The keys of ``merge`` that every method has."""
 
     method: Annotated[str, AfterValidator(MERGE_METHODS.check)] = "medmerge"  # a key of MERGE_METHODS
-    sources_from: Literal["pretrained", Baseline] = "pretrained"
+    sources_from: Literal[("pretrained", *BASELINES)] = "pretrained"
     align: Literal["none", "weight_matching"] = "none"  # permute non-anchor sources onto the anchor first
     batch_size: int = Field(32, ge=1)
     anchor: str

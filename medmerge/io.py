@@ -60,52 +60,68 @@ def remove_stale_temporaries(path: str | Path, stem: str | None = None) -> list[
 
 
 @contextlib.contextmanager
+def _parent_directory(path: Path) -> Iterator[None]:
+    """``path``'s parent directory, created if missing; if the block fails, the directories this created are
+    removed again (those still empty), so a failed write leaves no trace."""
+    created = [parent for parent in path.parents if not parent.exists()]  # the deepest first
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for directory in created:
+            with contextlib.suppress(OSError):  # not empty: another writer's file is in it now
+                directory.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``out_dir`` once the block succeeds.
 
     The old ``out_dir`` is moved aside before the new one is renamed into place and deleted after, so at
     every instant ``out_dir`` is either the complete old or the complete new directory. On failure the
-    temporary directory is removed and ``out_dir`` is untouched; temporaries of ``out_dir`` that a killed
-    process left are removed first.
+    temporary directory (and any parent directory created for it) is removed and ``out_dir`` is untouched;
+    temporaries of ``out_dir`` that a killed process left are removed first.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
-    temp = Path(tempfile.mkdtemp(prefix=_prefix(out_dir.name, "tmp"), dir=out_dir.parent))
-    old = None
-    try:
-        yield temp
-        os.chmod(temp, 0o755)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=_prefix(out_dir.name, "old"), dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        os.replace(temp, out_dir)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    with _parent_directory(out_dir):
+        remove_stale_temporaries(out_dir)
+        temp = Path(tempfile.mkdtemp(prefix=_prefix(out_dir.name, "tmp"), dir=out_dir.parent))
+        old = None
+        try:
+            yield temp
+            os.chmod(temp, 0o755)
+            if out_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=_prefix(out_dir.name, "old"), dir=out_dir.parent))
+                os.replace(out_dir, old / out_dir.name)
+            os.replace(temp, out_dir)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (same suffix); on success it is renamed onto ``path``."""
+    """Yield a temporary path next to ``path`` (same suffix); on success it is renamed onto ``path``, on
+    failure it is removed with any parent directory created for it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path, stem=path.stem)
-    handle, name = tempfile.mkstemp(prefix=_prefix(path.stem, "tmp"), suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    temp = Path(name)
-    try:
-        yield temp
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with _parent_directory(path):
+        remove_stale_temporaries(path, stem=path.stem)
+        handle, name = tempfile.mkstemp(prefix=_prefix(path.stem, "tmp"), suffix=path.suffix, dir=path.parent)
+        os.close(handle)
+        temp = Path(name)
+        try:
+            yield temp
+            os.chmod(temp, 0o644)
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: str | Path, data: Any) -> None:

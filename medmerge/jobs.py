@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medmerge import distributed, layout
-from medmerge.config import Params, TrainSettings
+from medmerge.config import BASELINES, Params, TrainSettings
 from medmerge.data.target import TargetData
 from medmerge.models import model_state_cpu, save_model_dir
 from medmerge.predictions import write_predictions
@@ -22,7 +22,7 @@ from medmerge.tracking import TRAINING_SPLITS, stage_run
 from medmerge.train import train_classifier
 
 log = logging.getLogger("medmerge.jobs")
-JOBS = ("pretrain", "ft", "lpft")
+JOBS = ("pretrain", *BASELINES)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Where each stage writes, relative to the repository root; ``dvc.yaml`` declares the same paths.
+"""Where each stage writes, relative to the repository root (:func:`repo_root`); ``dvc.yaml`` declares the
+same paths.
 
 Every run that depends on a seed (``params.yaml`` ``seeds``) is one DVC stage per seed. The models a merge
 reads for one seed sit together, seed first (``models/pretrained/seed_<n>/<source>``), so that a merge of
@@ -8,24 +9,35 @@ seed ``n`` depends on exactly that seed's sources; a merge's own outputs sit und
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
+# pretrained/seed_<n>/<source>: pretrained, or a pointer to the source as given;
+# <baseline>/seed_<n>/<source>: a single-source baseline (params.yaml `baselines`)
+MODELS = Path("models")
 SOURCES = Path("models/sources")
-PRETRAINED = Path("models/pretrained")  # seed_<n>/<source>: pretrained, or a pointer to the source as given
 MERGE = Path("models/merge")  # <method>/seed_<n>: coefficients, merge state, layer summary
 MERGED = Path("models/merged")  # <method>/seed_<n>: the collapsed model
 MERGED_FT = Path("models/merged_ft")  # <method>/seed_<n>: the collapsed model fine-tuned
 REPORTS = Path("reports")
 
-# the single-source baselines (params.yaml `baselines`): models/<baseline>/seed_<n>/<source>
-BASELINES = {"ft": Path("models/ft"), "lpft": Path("models/lpft")}
 PREDICTIONS = "predictions.csv"  # in every evaluated model's directory: val and test logits
 
 
+def repo_root() -> Path:
+    """The real repository root: ``DVC_ROOT`` under DVC (also in temporary experiment copies), else cwd."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def raw_dir(dataset: str) -> Path:
+    """What ``fetch_data`` writes for ``dataset``: its :func:`raw_file` or an image manifest in place of it."""
+    return RAW / dataset
+
+
 def raw_file(dataset: str) -> Path:
-    return RAW / dataset / f"{dataset}.npz"
+    return raw_dir(dataset) / f"{dataset}.npz"
 
 
 def processed_dir(dataset: str) -> Path:
@@ -37,9 +49,9 @@ def seed_dir(directory: Path, seed: int) -> Path:
 
 
 def source_dir(sources_from: str, source: str, seed: int) -> Path:
-    """A source as seed ``seed`` uses it: ``pretrained`` (or used as given) or a baseline's model."""
-    root = PRETRAINED if sources_from == "pretrained" else BASELINES[sources_from]
-    return seed_dir(root, seed) / source
+    """A source as seed ``seed`` uses it (``merge.sources_from``): ``pretrained`` (or used as given) or a
+    baseline's model, ``models/<sources_from>/seed_<n>/<source>``."""
+    return seed_dir(MODELS / sources_from, seed) / source
 
 
 def merge_dir(stage_root: Path, method: str, seed: int) -> Path:

@@ -1,9 +1,10 @@
 """Classification metrics from labels and predicted probabilities.
 
-Macro F1, the primary metric, is computed here from confusion counts (NumPy only, so the training loop
-needs no scikit-learn import, and vectorised over resamples for the paired bootstrap); it equals
-scikit-learn's ``f1_score(average="macro", zero_division=0)`` over all classes. The other metrics are
-scikit-learn's.
+Macro and per-class F1, the primary metric, are computed here from confusion counts (NumPy only, so the
+training loop needs no scikit-learn import, and vectorised over resamples for the paired bootstrap); they
+equal scikit-learn's ``f1_score(average="macro" or None, zero_division=0)`` over all classes. Accuracy and
+balanced accuracy also have confusion-matrix forms (:data:`CONFUSION_METRICS`, for the reports); AUROC and
+:func:`classification_metrics`' accuracies are scikit-learn's.
 """
 
 from __future__ import annotations
@@ -14,21 +15,19 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def macro_f1_from_counts(true_positives: np.ndarray, predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Macro F1 from per-class counts (``[..., K]`` arrays): ``2 TP / (predicted + actual)`` averaged over
-    the classes, 0 for a class never predicted nor present."""
+def f1_from_counts(true_positives: np.ndarray, predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Per-class F1 from per-class counts (``[..., K]`` arrays): ``2 TP / (predicted + actual)``, 0 for a class
+    never predicted nor present; macro F1 is its mean over the classes."""
     denominator = predicted + actual
-    per_class = np.divide(2.0 * true_positives, denominator, out=np.zeros(np.shape(denominator)),
-                          where=denominator > 0)
-    return per_class.mean(axis=-1)
+    return np.divide(2.0 * true_positives, denominator, out=np.zeros(np.shape(denominator)), where=denominator > 0)
 
 
 def macro_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
     """Macro F1 over all ``num_classes`` classes (a class never predicted nor present scores 0)."""
     labels, predictions = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
     hits = np.bincount(labels[labels == predictions], minlength=num_classes)
-    return float(macro_f1_from_counts(hits, np.bincount(predictions, minlength=num_classes),
-                                      np.bincount(labels, minlength=num_classes)))
+    return float(f1_from_counts(hits, np.bincount(predictions, minlength=num_classes),
+                                np.bincount(labels, minlength=num_classes)).mean(axis=-1))
 
 
 def macro_auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -45,19 +44,20 @@ def macro_auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Macro F1 (the primary metric), accuracy, balanced accuracy, macro AUROC and per-class F1."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+    """Macro F1 (the primary metric), accuracy, balanced accuracy, macro AUROC, per-class F1 and the
+    confusion matrix."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     num_classes = len(class_names)
     predictions = probabilities.argmax(axis=1)
-    per_class = f1_score(labels, predictions, labels=list(range(num_classes)), average=None, zero_division=0)
+    confusion = confusion_matrix(labels, predictions, num_classes)
     return {
         "f1_macro": macro_f1(labels, predictions, num_classes),
         "accuracy": float(accuracy_score(labels, predictions)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
         "auroc_macro": macro_auroc(labels, probabilities),
-        "f1_per_class": {name: float(score) for name, score in zip(class_names, per_class, strict=True)},
-        "confusion_matrix": confusion_matrix(labels, predictions, labels=list(range(num_classes))).tolist(),
+        "f1_per_class": {name: float(score) for name, score in zip(class_names, f1_per_class(confusion), strict=True)},
+        "confusion_matrix": confusion.tolist(),
     }
 
 
@@ -66,9 +66,13 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
 # so that one function serves a single evaluation and every resample of a bootstrap at once.
 
 
+def f1_per_class(confusion: np.ndarray) -> np.ndarray:
+    """``[..., K]``: the F1 of each class (0 for a class never predicted nor present)."""
+    return f1_from_counts(np.diagonal(confusion, axis1=-2, axis2=-1), confusion.sum(axis=-2), confusion.sum(axis=-1))
+
+
 def _f1_macro(confusion: np.ndarray) -> np.ndarray:
-    return macro_f1_from_counts(np.diagonal(confusion, axis1=-2, axis2=-1), confusion.sum(axis=-2),
-                                confusion.sum(axis=-1))
+    return f1_per_class(confusion).mean(axis=-1)
 
 
 def _accuracy(confusion: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from medmerge.errors import InputError
+
 T = TypeVar("T")
 
 
@@ -30,7 +32,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class UnknownNameError(ValueError):
+class UnknownNameError(ValueError, InputError):
     """A name that no entry of a registry has; the message lists the names it has."""
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from medmerge.layout import repo_root
+
 log = logging.getLogger("medmerge.tracking")
 
 DEFAULT_STORE = "mlflow.db"
@@ -31,11 +33,6 @@ EXPERIMENT_KIND = "custom_model_development"
 SERVER_SCHEMES = ("http://", "https://")
 #: the splits a training run reads, as ``mlflow.log_input`` contexts
 TRAINING_SPLITS = {"train": "training", "val": "validation"}
-
-
-def repo_root() -> Path:
-    """The real repository root: ``DVC_ROOT`` under DVC (also in temporary experiment copies), else cwd."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def resolve_tracking_uri(configured: str | None = None, root: Path | None = None) -> str:

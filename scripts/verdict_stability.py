@@ -57,7 +57,7 @@ def inside(root: Path) -> Iterator[None]:
 
 def load_run(root: Path) -> Run:
     """The run in repository directory ``root``, as ``evaluate`` reads it."""
-    from stages.evaluate import evaluated_methods, gather_predictions
+    from medmerge.evaluation import evaluated_methods, gather_predictions
 
     if not (root / "params.yaml").is_file():
         raise SystemExit(f"{root / 'params.yaml'}: not found; give a repository directory after `dvc repro`")

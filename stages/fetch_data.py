@@ -4,7 +4,7 @@ import argparse
 
 from medmerge import layout
 from medmerge.data.fetch import fetch_dataset
-from medmerge.stage import run, stage_params
+from medmerge.stage import run, stage_output, stage_params
 
 
 def main() -> None:
@@ -13,7 +13,9 @@ def main() -> None:
     args = parser.parse_args()
     params, _ = stage_params()
     dataset = params.data.datasets[args.dataset]
-    fetch_dataset(dataset.origin, dict(dataset.options), layout.raw_file(args.dataset), classes=dataset.classes)
+    with stage_output(layout.raw_dir(args.dataset)) as out:  # a failed fetch leaves no directory behind
+        fetch_dataset(dataset.origin, dict(dataset.options), out / layout.raw_file(args.dataset).name,
+                      classes=dataset.classes)
 
 
 if __name__ == "__main__":

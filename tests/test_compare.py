@@ -98,3 +98,49 @@ def test_the_reference_is_the_best_baseline_on_validation_and_the_first_on_a_tie
     validation = {"ft_a": 0.70, "lpft_a": 0.72, "ft_b": 0.72, "merge": 0.90}
     assert choose_reference(validation, ["ft_a", "lpft_a", "ft_b"]) == "lpft_a"  # the merge is not a baseline
     assert choose_reference(validation, ["ft_b", "lpft_a"]) == "ft_b"
+
+
+def test_the_comparison_of_a_run_from_its_saved_predictions(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compare_methods`` on the predictions.csv and cards a run leaves: methods in report order, the FT
+    ensemble from its members' mean logits, per-class F1 as scikit-learn's, the reference's own verdict."""
+    import json
+
+    import yaml
+
+    from medmerge import layout
+    from medmerge.config import load_params
+    from medmerge.evaluation import compare_methods
+    from medmerge.predictions import SplitPredictions, write_predictions
+    from medmerge.testing import REPO
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw.update(seeds=[0, 1], baselines=["ft"], methods={"average": {"method": "average"}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    params = load_params("params.yaml")
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c", "d"]
+    labels = {"val": rng.integers(0, 4, 40), "test": rng.integers(0, 3, 60)}  # no "d" in the test split
+    saved = {}
+    directories = [layout.source_dir("ft", source, seed) for source in params.source_names for seed in (0, 1)]
+    directories += [layout.merge_dir(root, "average", seed) for root in (layout.MERGED, layout.MERGED_FT)
+                    for seed in (0, 1)]
+    for directory in directories:
+        directory.mkdir(parents=True)
+        splits = {split: SplitPredictions(rng.normal(size=(len(y), 4)).astype(np.float32), y)
+                  for split, y in labels.items()}
+        write_predictions(directory / layout.PREDICTIONS, splits, classes)
+        (directory / "card.json").write_text(json.dumps({"compute": "cpu"}))
+        saved[directory] = splits["test"].logits
+
+    comparison = compare_methods(params)
+    names = list(dict.fromkeys(comparison.per_seed["method"]))
+    assert names == ["ft_imagenet", "ft_scratch", "ensemble_ft", "average_collapsed", "average"]
+    assert comparison.metrics_json[comparison.reference]["verdict"] == REFERENCE
+    assert comparison.reference in ("ft_imagenet", "ft_scratch")
+    ensemble = np.mean([saved[layout.source_dir("ft", s, 1)] for s in params.source_names], axis=0)
+    expected = f1_score(labels["test"], ensemble.argmax(axis=1), labels=range(4), average=None, zero_division=0)
+    assert list(comparison.per_class["ensemble_ft"]["1"]["f1_per_class"].values()) == pytest.approx(expected)
+    assert comparison.per_class["ensemble_ft"]["1"]["f1_per_class"]["d"] == 0.0  # not in the test split
+    assert comparison.markdown.startswith("Target `lesions`, test split (60 images), seeds 0, 1.")
+    assert comparison.layers == {} and comparison.layerwise_table.empty

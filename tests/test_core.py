@@ -263,6 +263,56 @@ def test_data_stages_run_without_torch(tmp_path: Path) -> None:
     assert (root / "data" / "processed" / "lesions").is_dir()
 
 
+def test_a_failed_fetch_data_stops_with_one_line_and_leaves_no_directory(tmp_path: Path) -> None:
+    """A truncated ``.npz`` (``origin: npz``) stops ``fetch_data`` with one line naming the file; neither
+    ``data/raw/<dataset>/`` nor ``data/raw`` is left behind."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from medmerge.data.synthetic import generate_synthetic
+    from medmerge.testing import REPO, copy_repo, stage_env
+
+    arrays = tmp_path / "arrays.npz"
+    np.savez(arrays, **generate_synthetic("lesions", 8, 4, 4, 16, 0))
+    arrays.write_bytes(arrays.read_bytes()[:-200])  # cut short: the zip directory at its end is gone
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["datasets"]["lesions"].update(origin="npz", options={"path": str(arrays)})
+    (tmp_path / "repo").mkdir()
+    root = copy_repo(tmp_path / "repo", params)
+    out = subprocess.run([sys.executable, "-m", "stages.fetch_data", "lesions"], cwd=root, env=stage_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert f"ERROR medmerge.stage: {arrays}: not a readable .npz file" in line, out.stderr
+    assert not (root / "data" / "raw").exists()
+
+
+def test_every_input_error_stops_a_stage_with_its_message(caplog: pytest.LogCaptureFixture) -> None:
+    """Each library's bad-input error derives from ``InputError``: ``run`` exits 1 with its message."""
+    from medmerge.config import ConfigError
+    from medmerge.data.npz import DataError
+    from medmerge.merge.alignment import AlignmentError
+    from medmerge.merge.coefficients import GranularityError
+    from medmerge.merge.functional import SourceMismatchError
+    from medmerge.models.checkpoint import CheckpointError
+    from medmerge.models.factory import StateDictMismatchError
+    from medmerge.models.origins import OriginError, WeightsUnavailableError
+    from medmerge.registry import UnknownNameError
+    from medmerge.stage import run
+
+    for error in (ConfigError, DataError, AlignmentError, GranularityError, SourceMismatchError, CheckpointError,
+                  StateDictMismatchError, OriginError, WeightsUnavailableError, UnknownNameError,
+                  FileNotFoundError):
+        def failing(error: type[Exception] = error) -> None:
+            raise error(f"bad {error.__name__}")
+
+        with pytest.raises(SystemExit) as stopped:
+            run(failing)
+        assert stopped.value.code == 1 and caplog.records[-1].getMessage() == f"bad {error.__name__}"
+
+
 @pytest.mark.parametrize("epochs", [9, 10, 11])
 def test_fit_runs_with_a_one_step_warm_up(epochs: int) -> None:
     """One batch per epoch for 10 epochs puts OneCycleLR's warm-up at exactly one step (a tiny training
@@ -294,10 +344,10 @@ def test_rebatching_the_training_split_starts_it_afresh() -> None:
 
 
 def test_a_stage_script_exits_after_its_threads_and_exit_handlers(tmp_path: Path) -> None:
-    """``run(main)`` of a script skips the interpreter's teardown, but not what a normal exit guarantees:
-    other threads finish, idle thread-pool workers are stopped (not waited for forever: MLflow's HTTP
-    artifact repository keeps a pool, and a stage that had downloaded through it hung), ``atexit`` handlers
-    run and buffered output reaches stdout; the exit code is 0."""
+    """After ``run(main)`` of a script (which spares the interpreter's teardown its garbage-collector walk),
+    what a normal exit guarantees still happens: other threads finish, idle thread-pool workers are stopped
+    (not waited for forever: MLflow's HTTP artifact repository keeps a pool, and a stage that had downloaded
+    through it hung), ``atexit`` handlers run and buffered output reaches stdout; the exit code is 0."""
     import subprocess
     import sys
 
@@ -320,7 +370,6 @@ def test_a_stage_script_exits_after_its_threads_and_exit_handlers(tmp_path: Path
         "    sys.stdout.write('buffered, no newline')\n"
         "if __name__ == '__main__':\n"
         "    run(main)\n"
-        "    print('not reached: run() ended the process')\n"
     )
     marker = tmp_path / "marker.txt"
     out = subprocess.run([sys.executable, str(script), str(marker)], cwd=REPO, capture_output=True, text=True,

@@ -127,7 +127,7 @@ def test_processes_setting_is_validated() -> None:
 
 
 def test_relaunch_runs_the_stage_module_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    from medmerge import stage
+    from medmerge.stage import runtime as stage
 
     calls = []
     monkeypatch.setattr(stage.subprocess, "call", lambda command, env: calls.append((command, env)) or 3)
@@ -286,7 +286,7 @@ def _free_port() -> int:
 
 
 def test_several_nodes_use_the_c10d_rendezvous() -> None:
-    from medmerge.stage import torchrun_command
+    from medmerge.stage.runtime import torchrun_command
 
     assert torchrun_command(4, "stages.train", ["ft", "a"])[3:6] == ["--standalone", "--nproc_per_node=4", "-m"]
     command = torchrun_command(4, "stages.train", ["ft", "a"], nodes=3, rdzv_endpoint="node0:29500", rdzv_id="x")
@@ -300,7 +300,7 @@ def test_several_nodes_use_the_c10d_rendezvous() -> None:
 def test_two_nodes_learn_the_single_process_coefficients(tmp_path: Path) -> None:
     """Two torchrun agents, each a "node" with one gloo process, meet at a c10d rendezvous on 127.0.0.1 (the
     command ``device.nodes: 2`` builds) and learn what one process learns."""
-    from medmerge.stage import torchrun_command
+    from medmerge.stage.runtime import torchrun_command
 
     command = torchrun_command(1, "tests.test_distributed", [str(tmp_path)], nodes=2,
                                rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_id=f"test-{os.getpid()}")

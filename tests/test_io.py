@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from medmerge.io import atomic_directory, remove_stale_temporaries, write_json
+import pytest
+
+from medmerge.io import atomic_directory, atomic_file, remove_stale_temporaries, write_json
 from medmerge.testing import REPO
 
 KILLED_WRITER = """
@@ -59,3 +61,15 @@ def test_only_temporaries_of_finished_processes_are_removed(tmp_path: Path) -> N
         running.kill()
         running.wait()
 
+
+
+def test_a_failed_write_removes_the_directories_it_created(tmp_path: Path) -> None:
+    """Nothing that was not there before: the parents made for a failed write go, those that existed stay."""
+    (tmp_path / "models").mkdir()
+    for write in (atomic_directory, atomic_file):
+        with pytest.raises(ValueError, match="bad input"), write(tmp_path / "models" / "ft" / "seed_0" / "a"):
+            raise ValueError("bad input")
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["models"]
+    with atomic_directory(tmp_path / "models" / "ft" / "seed_0" / "a") as temp:
+        (temp / "weights").write_text("complete")
+    assert (tmp_path / "models" / "ft" / "seed_0" / "a" / "weights").read_text() == "complete"

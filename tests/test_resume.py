@@ -143,7 +143,7 @@ def fingerprint_of_run(parts: dict) -> str:
         "before_validation": False, "world_size": 1})
 
 
-# ---------------------------------------------------------------- the stage glue (medmerge/stage.py)
+# ---------------------------------------------------------------- the stage glue (medmerge/stage/)
 
 
 @pytest.fixture
@@ -152,7 +152,6 @@ def stage_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from medmerge.config import load_params
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setattr(stage, "_resume_dirs", [])
     return stage, load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
@@ -167,7 +166,7 @@ def test_a_stage_keeps_checkpoints_under_the_root_by_stage_and_params(stage_env,
     assert stage.stage_resume(other).path != directory
     monkeypatch.delenv("DVC_STAGE")
     monkeypatch.setattr("sys.argv", ["/repo/stages/train.py", "ft", "imagenet", "--seed", "0"])
-    assert stage.stage_identity() == "train_ft_imagenet_--seed_0"
+    assert stage.outputs.stage_identity() == "train_ft_imagenet_--seed_0"
 
 
 def test_run_removes_checkpoints_only_when_the_stage_succeeds(stage_env) -> None:

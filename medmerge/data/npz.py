@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from medmerge.errors import InputError
 from medmerge.io import atomic_file
 
 SPLITS = ("train", "val", "test")
 EXPECTED_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 
 
-class DataError(ValueError):
+class DataError(ValueError, InputError):
     """A dataset file is missing, malformed or inconsistent."""
 
 

@@ -23,8 +23,10 @@ from medmerge.registry import Registry, UnknownNameError
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+from medmerge.errors import InputError
 
-class GranularityError(ValueError):
+
+class GranularityError(ValueError, InputError):
     """A granularity the model cannot have (``head`` on a network without attention blocks)."""
 
 

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from medmerge.errors import InputError
 from medmerge.merge.coefficients import Normalizer, resolve_granularity
 from medmerge.merge.flat import BlendBuffers, BlendPlan, FlatBlend, FlatLayout
 
 
-class SourceMismatchError(ValueError):
+class SourceMismatchError(ValueError, InputError):
     """Sources whose parameter names or shapes differ cannot be merged."""
 
 

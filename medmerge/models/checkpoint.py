@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from medmerge.errors import InputError
 from medmerge.io import atomic_directory
 from medmerge.models.export import CONFIG_FILE, timm_config
 
@@ -54,7 +55,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, InputError):
     """A checkpoint or model dir is unsafe, corrupt, or not what was expected."""
 
 

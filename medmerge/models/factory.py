@@ -12,6 +12,8 @@ from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
+from medmerge.errors import InputError
+
 __all__ = [
     "LoadReport",
     "StateDictMismatchError",
@@ -30,7 +32,7 @@ __all__ = [
 MAX_LISTED = 5
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(ValueError, InputError):
     """A state dict does not fit a model: missing/unexpected backbone keys or wrong shapes."""
 
 

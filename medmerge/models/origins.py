@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
+from medmerge.errors import InputError
 from medmerge.registry import Options, OptionsError, Registry, UnknownNameError
 
 if TYPE_CHECKING:
@@ -44,11 +45,11 @@ def _path_text(value: Any) -> Any:
 PathOption = Annotated[str, BeforeValidator(_path_text)]
 
 
-class OriginError(ValueError):
+class OriginError(ValueError, InputError):
     """An unknown origin, or options that do not fit it."""
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(RuntimeError, InputError):
     """Weights that cannot be obtained here (not cached offline, unreachable URL, package not installed)."""
 
 
