@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from medmerge.config import Params
-    from medmerge.device import Runtime
     from medmerge.data.target import TargetData
+    from medmerge.device import Runtime
 
 log = logging.getLogger("medmerge.stage")
 
