@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from medmerge import layout
-from medmerge.compare import choose_reference, paired_difference, resample_weights, score
+from medmerge.compare import choose_reference, family_verdicts, paired_difference, resample_weights, score
 from medmerge.config import BASELINES, Params
 from medmerge.io import read_json
 from medmerge.methods import get_method
@@ -147,7 +147,7 @@ def _metrics_json(summary: pd.DataFrame, metrics: tuple[str, ...], compared: str
         values = {**{k: row[f"{k}_mean"] for k in metrics}, **{f"{k}_std": row[f"{k}_std"] for k in metrics}}
         values.update({f"{compared}_{key}": row[column] for key, column in
                        (("diff", "diff"), ("ci_low", "t_low"), ("ci_high", "t_high"),
-                        ("boot_low", "boot_low"), ("boot_high", "boot_high"))})
+                        ("boot_low", "boot_low"), ("boot_high", "boot_high"), ("p_holm", "p_holm"))})
         result[row["method"]] = {**values, "verdict": row["verdict"]}
     return result
 
@@ -180,9 +180,9 @@ def compare_methods(params: Params) -> Comparison:
     weights = resample_weights(len(test_labels), settings.bootstrap, settings.bootstrap_seed)
     predicted = {name: {seed: splits["test"].predicted for seed, splits in by_seed.items()}
                  for name, by_seed in predictions.items()}
-    differences = [paired_difference(m.name, predicted[m.name], reference, predicted[reference], test_labels,
-                                     len(classes), settings.metric, weights, settings.confidence).as_dict()
-                   for m in methods]
+    differences = [d.as_dict() for d in family_verdicts(
+        [paired_difference(m.name, predicted[m.name], reference, predicted[reference], test_labels, len(classes),
+                           settings.metric, weights, settings.confidence) for m in methods], settings.confidence)]
     summary = with_differences(summarize(per_seed, metrics), differences)
     layers = learned_layerwise(params)
     given = [name for name, source in params.sources.items() if source.task is None]

@@ -19,7 +19,7 @@ from medmerge.metrics import REPORTED_METRICS
 SCALARS = REPORTED_METRICS
 HEADERS = {"f1_macro": "macro F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
            "auroc_macro": "macro AUROC", "kappa_quadratic": "quadratic kappa"}
-DIFFERENCE_COLUMNS = ("diff", "t_low", "t_high", "boot_low", "boot_high", "verdict")
+DIFFERENCE_COLUMNS = ("diff", "t_low", "t_high", "boot_low", "boot_high", "p_holm", "verdict")
 
 
 def summarize(per_seed: pd.DataFrame, metrics: Sequence[str] = SCALARS) -> pd.DataFrame:
@@ -43,6 +43,10 @@ def with_differences(summary: pd.DataFrame, differences: Sequence[Mapping]) -> p
     return summary.merge(table, on="method", how="left")
 
 
+def _p_value(p: float | None) -> str:
+    return "—" if p is None or pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
 def _interval(low: float, high: float) -> str:
     return "—" if pd.isna(low) or pd.isna(high) else f"[{low:+.3f}, {high:+.3f}]"
 
@@ -57,7 +61,7 @@ def comparison_markdown(summary: pd.DataFrame, metrics: Sequence[str] = SCALARS,
     paired = compared is not None and "verdict" in summary
     level = f"{confidence:.0%}"
     if paired:
-        header += [f"Δ {HEADERS.get(compared, compared)}", f"t {level}", f"bootstrap {level}", "verdict"]
+        header += [f"Δ {HEADERS.get(compared, compared)}", f"t {level}", f"bootstrap {level}", "p (Holm)", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary.to_dict("records"):
         cells = [row["method"], row["kind"], str(row["seeds"])]
@@ -67,10 +71,10 @@ def comparison_markdown(summary: pd.DataFrame, metrics: Sequence[str] = SCALARS,
             cells.append(f"**{cell}**" if mean == best[metric] else cell)
         if paired:
             if row["verdict"] == "reference":
-                cells += ["—", "—", "—", "reference"]
+                cells += ["—", "—", "—", "—", "reference"]
             else:
                 cells += [f"{row['diff']:+.3f}", _interval(row["t_low"], row["t_high"]),
-                          _interval(row["boot_low"], row["boot_high"]), row["verdict"]]
+                          _interval(row["boot_low"], row["boot_high"]), _p_value(row.get("p_holm")), row["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -106,7 +110,10 @@ def report_header(target: str, seeds: Sequence[int], reference: str, reference_v
         "Student's t interval over the seeds (it covers training randomness: pretraining, target-side training, "
         f"merging); **bootstrap {confidence:.0%}** is the percentile interval of the mean difference over "
         f"{resamples} paired resamples of the test images (it covers the sampling of the test set). Verdict: "
-        "`better` or `worse` when both intervals exclude zero on that side, else `no detectable difference`."
+        "`better` or `worse` when both intervals exclude zero on that side and the comparison survives Holm's "
+        "step-down correction over every comparison in this table (p (Holm): the larger of the t test's and "
+        f"the bootstrap's two-sided p-values, Holm-adjusted; within {1 - confidence:.2f}), so the chance of any "
+        "false verdict in the whole table stays below that; else `no detectable difference`."
         "\n\n"
     )
 

@@ -12,8 +12,11 @@ from medmerge.compare import (
     REFERENCE,
     SAME,
     WORSE,
+    PairedDifference,
     bootstrap_differences,
     choose_reference,
+    family_verdicts,
+    holm_adjusted,
     paired_difference,
     resample_weights,
     t_interval,
@@ -86,6 +89,33 @@ def test_a_clearly_better_method_is_better_and_the_reference_is_the_reference() 
     assert worse.verdict == WORSE and worse.diff == pytest.approx(-better.diff)
     same = paired_difference("weak", weak, "weak", weak, labels, 4, "f1_macro", weights, 0.95)
     assert same.verdict == REFERENCE and same.diff == 0.0
+
+
+def test_holm_adjusts_step_down_and_leaves_nan_out_of_the_family() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4 * 0.005, 3 * 0.01, max(2 * 0.03, ...), max(1 * 0.04, 0.06)
+    assert holm_adjusted([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm_adjusted([0.02, float("nan"), 0.5])
+    assert adjusted[0] == pytest.approx(0.04) and np.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.5)
+
+
+def test_a_row_better_alone_is_not_better_among_many_comparisons() -> None:
+    """The same paired difference is `better` when it is the only comparison and `no detectable difference`
+    among nine null comparisons: Holm's correction over the table (10 x p > 0.05)."""
+    labels = np.random.default_rng(0).integers(0, 4, 400)
+    reference = {s: _labels_and_predictions(40 + s, n=400, accuracy=0.6)[1] for s in range(3)}
+    for s in range(3):
+        reference[s] = np.where(np.random.default_rng(50 + s).random(400) < 0.6, labels, reference[s])
+    slightly = {s: np.where(np.random.default_rng(60 + s).random(400) < 0.12, labels, reference[s]) for s in range(3)}
+    weights = resample_weights(400, 2000, seed=0)
+    alone = paired_difference("slightly", slightly, "ref", reference, labels, 4, "f1_macro", weights, 0.95)
+    assert alone.verdict == BETTER and 0.005 < alone.p_value < 0.05, alone
+    reference_row = paired_difference("ref", reference, "ref", reference, labels, 4, "f1_macro", weights, 0.95)
+    nulls = [PairedDifference(f"null{i}", "ref", "f1_macro", 3, 0.0, -0.1, 0.1, -0.1, 0.1, SAME, p_value=0.6)
+             for i in range(9)]
+    assert [d.verdict for d in family_verdicts([reference_row, alone], 0.95)] == [REFERENCE, BETTER]
+    corrected = family_verdicts([reference_row, alone, *nulls], 0.95)
+    assert corrected[1].verdict == SAME and corrected[1].p_holm == pytest.approx(min(1.0, 10 * alone.p_value))
+    assert corrected[0].verdict == REFERENCE and np.isnan(corrected[0].p_holm)
 
 
 def test_identical_predictions_give_zero_bootstrap_differences() -> None:
