@@ -1,10 +1,14 @@
-"""The MLflow store survives concurrent first writers (dvc queue start -j N)."""
+"""The MLflow store: its location under the repository root, and concurrent first writers (dvc queue start -j N)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from medmerge.tracking import resolve_tracking_uri
 
 SCRIPT = "import sys; from medmerge.tracking import ensure_experiment; print(ensure_experiment('medmerge', sys.argv[1]))"
 
@@ -42,3 +46,14 @@ def test_child_runs_nest_under_the_stage_run_in_its_experiment(tmp_path: Path, m
     assert nested["mlflow.parentRunId"] == parent.run_id and nested["stage"] == "evaluate_method"
     assert nested["dvc_exp_name"] == runs["evaluate"].data.tags["dvc_exp_name"]  # the parent's tags carry over
     assert [m.step for m in client.get_metric_history(runs["medmerge"].info.run_id, "f1_macro")] == [2]
+
+
+def test_tracking_uri_is_absolute_under_the_repository_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///runs/store.db") == f"sqlite:///{tmp_path.resolve()}/runs/store.db"
+    assert resolve_tracking_uri("sqlite:////abs/store.db") == "sqlite:////abs/store.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere.db")
+    assert resolve_tracking_uri(None) == "sqlite:////elsewhere.db"
