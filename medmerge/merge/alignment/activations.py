@@ -109,7 +109,7 @@ class _Accumulator:
         self.second = torch.zeros(models, models, channels, channels, dtype=torch.float64, device=device)
 
     def add(self, features: list[Tensor]) -> None:
-        x = features
+        x = [f.double() for f in features]
         self.count += x[0].shape[0]
         for i, xi in enumerate(x):
             self.total[i] += xi.sum(dim=0)
@@ -152,7 +152,7 @@ def feature_statistics(
         for name in site_space:
             def hook(module: nn.Module, _: object, out: Tensor, name: str = name, index: int = index) -> None:
                 # a copy: an in-place activation after the site (ResNet's ReLU) would change a view
-                captured[index][name] = channel_samples(module, out).to(torch.float64, copy=True)
+                captured[index][name] = channel_samples(module, out).clone()
             handles.append(modules[name].register_forward_hook(hook))
         model.eval()
     try:
