@@ -73,7 +73,7 @@ def layer_plan(model: nn.Module, example: Tensor, skip: Sequence[str] = ()) -> l
     Raises ``ValueError`` naming a module with parameters that is neither (see the module doc).
     """
     order: list[str] = []
-    outputs: dict[int, str] = {}
+    outputs: dict[int, tuple[str, Tensor]] = {}  # kept alive: an id is unique only while its tensor lives
     pairs: dict[str, str] = {}
     calls: dict[str, int] = {}
     modules = {n: m for n, m in model.named_modules()
@@ -83,15 +83,15 @@ def layer_plan(model: nn.Module, example: Tensor, skip: Sequence[str] = ()) -> l
     def hook(m: nn.Module, args: tuple, out: Tensor, name: str) -> None:
         calls[name] = calls.get(name, 0) + 1
         if isinstance(m, _BN):
-            source = outputs.get(id(args[0]))
-            if source is None:
+            source, tensor = outputs.get(id(args[0]), (None, None))
+            if source is None or tensor is not args[0]:
                 raise ValueError(f"pleas: layer '{name}' ({type(m).__name__}) does not directly follow a "
                                  "conv/linear layer: not supported")
             pairs[source] = name
             return
         _check_layer(name, m)
         order.append(name)
-        outputs[id(out)] = name
+        outputs[id(out)] = (name, out)
 
     handles = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, m in modules.items()]
     training = model.training
