@@ -300,6 +300,9 @@ class Params(_Section):
             raise ValueError(f"{where}: method '{settings.method}' {error}") from None
         if settings.sources_from != self.merge.sources_from:
             raise ValueError(f"{where}: sources_from must be set in merge (shared by every method)")
+        if get_method(settings.method).needs_teachers and "ft" not in self.baselines:
+            raise ValueError(f"{where}: method '{settings.method}' learns from the FT baselines: baselines must "
+                             f"include ft, got {self.baselines}")
 
     def pretrain_settings(self, source: str) -> TrainSettings:
         """``pretrain`` with ``sources.<source>.pretrain``'s overrides."""
