@@ -178,3 +178,10 @@ def test_a_starting_merge_that_cannot_run_is_refused_when_params_load() -> None:
     with pytest.raises(ConfigError, match=r"methods\.distill: method 'distill' student_init 'interpolate' "
                                           r"needs exactly two sources"):
         parse_params(raw)
+
+
+def test_the_ready_snippet_of_methods_loads_with_params() -> None:
+    raw = raw_params()
+    snippet = yaml.safe_load((REPO / "configs" / "all_methods.yaml").read_text())["methods"]
+    params = parse_params({**raw, "methods": {**raw["methods"], **snippet}})
+    assert params.method("distill").method == "distill"
