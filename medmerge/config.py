@@ -289,6 +289,9 @@ class Params(_Section):
             self._check_method(name, self.method(name))
         if self.merge.sources_from != "pretrained" and self.merge.sources_from not in self.baselines:
             raise ValueError(f"merge.sources_from '{self.merge.sources_from}' is not one of baselines {self.baselines}")
+        if "ft" not in self.baselines:  # dvc.yaml: merge@ depends on models/ft/seed_<n>
+            raise ValueError(f"baselines: must include ft (every merge stage reads models/ft/seed_<n>, the FT "
+                             f"ensemble that distill learns from), got {self.baselines}")
         return self
 
     def _check_method(self, name: str, settings: MergeSettings) -> None:
@@ -305,6 +308,9 @@ class Params(_Section):
             raise ValueError(f"{where}: method '{settings.method}' {error}") from None
         if settings.sources_from != self.merge.sources_from:
             raise ValueError(f"{where}: sources_from must be set in merge (shared by every method)")
+        if get_method(settings.method).needs_teachers and "ft" not in self.baselines:
+            raise ValueError(f"{where}: method '{settings.method}' learns from the FT baselines: baselines must "
+                             f"include ft, got {self.baselines}")
 
     def pretrain_settings(self, source: str) -> TrainSettings:
         """``pretrain`` with ``sources.<source>.pretrain``'s overrides."""

@@ -150,6 +150,17 @@ class _Digest:
         return self._hash.hexdigest()
 
 
+def state_digest(states: Iterable[Mapping[str, Tensor]]) -> str:
+    """A hash of some models' tensors (names, dtypes, shapes and values), for a fit whose loss depends on
+    other models (distillation's teachers) to put in its fingerprint."""
+    digest = _Digest()
+    for state in states:
+        for name, tensor in state.items():
+            digest.value(name)
+            digest.tensor(tensor)
+    return digest.hexdigest()
+
+
 def _digest_batches(digest: _Digest, batches: Any) -> None:
     """A split as the loop sees it: labels in full, a spread sample of images, and the batching settings."""
     images, labels = batches.images, batches.labels

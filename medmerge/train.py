@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -44,6 +44,15 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": lambda groups, weight_decay: torch.optim.AdamW(groups, weight_decay=weight_decay),
     "sgd": lambda groups, weight_decay: torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay),
 }
+
+
+class Criterion(Protocol):
+    """A training loss for :func:`fit` other than cross-entropy: ``(logits, labels, images, class_weights)``
+    to a scalar, and a JSON-able ``fingerprint()`` of everything it depends on (for resuming)."""
+
+    def __call__(self, logits: Tensor, labels: Tensor, images: Tensor, class_weights: Tensor | None) -> Tensor: ...
+
+    def fingerprint(self) -> object: ...
 
 
 @dataclass
@@ -128,12 +137,16 @@ def fit(
     on_epoch: Callable[[EpochResult], None] | None = None,
     description: str = "train",
     resume: ResumeDir | None = None,
+    criterion: Criterion | None = None,
 ) -> History:
-    """Train ``model`` with cross-entropy; validate by macro F1 after each epoch.
+    """Train ``model`` with cross-entropy (or ``criterion``); validate by macro F1 after each epoch.
 
     With ``keep_best`` the state of the epoch with the best validation macro F1 is restored at the end.
     ``before_validation`` runs before each validation (a merge recalibrates its BatchNorm statistics there);
-    ``on_epoch`` receives each epoch's result (the stages log it to MLflow).
+    ``on_epoch`` receives each epoch's result (the stages log it to MLflow). ``criterion`` replaces the
+    training loss: it is called, under the runtime's autocast, with the batch's float32 logits, labels, the
+    (augmented) images the model saw and the class weights (distillation's teacher runs on those images);
+    its ``fingerprint()`` (JSON-able) enters the resume fingerprint. Validation is unchanged.
 
     With ``resume`` a checkpoint of the whole loop state is written there after every epoch
     (``medmerge.resume``); a later call with the same inputs (same :func:`~medmerge.resume.fit_fingerprint`)
@@ -155,7 +168,8 @@ def fit(
         fingerprint = fit_fingerprint(model, optimizer, (train, val), transform, {
             "epochs": epochs, "num_classes": num_classes, "augment": augment, "keep_best": keep_best,
             "class_weights": None if class_weights is None else class_weights.tolist(),
-            "before_validation": before_validation is not None, "world_size": distributed.world_size()})
+            "before_validation": before_validation is not None, "world_size": distributed.world_size(),
+            **({} if criterion is None else {"criterion": criterion.fingerprint()})})
     rank, world = distributed.rank(), distributed.world_size()
     if distributed.is_distributed():
         train, transform = train.shard(rank, world), transform.shard(rank, world)
@@ -189,7 +203,10 @@ def fit(
             for images, labels in train:
                 x, y = transform(images, augment=augment), labels.to(runtime.device)
                 with runtime.autocast():
-                    loss = nn.functional.cross_entropy(step(x).float(), y, weight=weights)
+                    if criterion is None:
+                        loss = nn.functional.cross_entropy(step(x).float(), y, weight=weights)
+                    else:
+                        loss = criterion(step(x).float(), y, x, weights)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -361,13 +378,15 @@ def train_classifier(
     on_epoch: Callable[[EpochResult], None] | None = None,
     description: str = "train",
     resume: ResumeDir | None = None,
+    criterion: Criterion | None = None,
 ) -> tuple[nn.Module, History]:
     """A timm model for ``data``'s classes from ``init_state``, fully trained.
 
     The head is replaced by a new one for ``data``'s classes unless ``keep_head`` (then the state must fit
     exactly, as a collapsed merged model does). With ``linear_probe`` the new head is first fitted on the
     frozen backbone's features, then everything is fine-tuned (LP-FT, Kumar et al. 2022). ``resume``: where
-    the fine-tune keeps its per-epoch resume checkpoints (see :func:`medmerge.train.fit`).
+    the fine-tune keeps its per-epoch resume checkpoints; ``criterion``: its training loss, cross-entropy if
+    None (see :func:`medmerge.train.fit`).
     """
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=data.num_classes)
@@ -389,5 +408,6 @@ def train_classifier(
         epochs=settings.epochs if epochs is None else epochs, num_classes=data.num_classes,
         augment=settings.augment, keep_best=settings.keep_best, on_epoch=on_epoch, description=description,
         class_weights=data.class_weights() if settings.class_weighted else None, resume=resume,
+        criterion=criterion,
     )
     return model, history

@@ -1,7 +1,8 @@
 """Stage merge@<method>-<seed>: one compared merge for one seed, learned, collapsed and fine-tuned.
 
 Reads that seed's sources (models/<merge.sources_from>/seed_<n>/<source>, and models/sources/<source> for
-a source used as given) and the prepared target data, and runs ``methods.<method>`` in three steps:
+a source used as given), for a method that learns from them (``distill``) the FT baselines
+(models/ft/seed_<n>/<source>), and the prepared target data, and runs ``methods.<method>`` in three steps:
 
 1. learn (average, interpolate or medmerge at its granularity; aligned first if ``align: weight_matching`` or
    ``activation_matching``, the latter on the target training images)
@@ -34,7 +35,7 @@ from medmerge.io import read_json, write_json
 from medmerge.jobs import finetune_merged_job, train_job
 from medmerge.merge.alignment import align_sources, align_sources_by_activations, save_permutations
 from medmerge.merge.collapse import collapse, merge_state_to_save, recalibrate_on_target
-from medmerge.methods import MergeInputs, MergeResult, run_merge_method
+from medmerge.methods import MergeInputs, MergeResult, get_method, run_merge_method
 from medmerge.models import load_model_dir, model_state_cpu, save_model_dir
 from medmerge.plots import plot_layer_coefficients
 from medmerge.predictions import write_predictions
@@ -75,6 +76,12 @@ def target_inputs(arch: str, data: TargetData, runtime, seed: int, batch_size: i
     return lambda: (transform(images) for images, _ in data.train.in_order(batch_size))
 
 
+def merge_teachers(names: list[str], seed: int) -> list[dict]:
+    """Seed ``seed``'s FT baselines of every source (models/ft/seed_<n>/<source>), for a method that learns from
+    their ensemble (``needs_teachers``)."""
+    return [load_model_dir(layout.source_dir("ft", name, seed))[0] for name in names]
+
+
 def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed: int, runtime, data: TargetData,
           out: Path) -> tuple[MergeResult, dict]:
     """Step 1: the merge's coefficients and head, learned on ``data`` under an MLflow run and written to
@@ -87,8 +94,10 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
     with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
                    run_name=f"{method} seed {seed}", tags=tags) as tracker:
         tracker.log_dataset(layout.processed_dir(params.data.target), params.data.target, TRAINING_SPLITS)
+        teachers = merge_teachers(names, seed) if get_method(settings.method).needs_teachers else None
         result = run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed,
-                                              on_epoch=tracker.log_epoch, resume=stage_resume(params)))
+                                              on_epoch=tracker.log_epoch, resume=stage_resume(params),
+                                              teachers=teachers))
         merge = result.merge.cpu() if result.merge is not None else None
         info = {
             "name": method, "method": settings.method, "seed": seed, "arch": params.arch,

@@ -113,6 +113,7 @@ def test_methods_inherit_merge_and_override_by_entry(raw: dict) -> None:
         (lambda r: r.update(seeds=[]), r"seeds: .*at least 1"),
         (lambda r: r.update(baselines=["ft", "probe"]), r"baselines\.1: Input should be 'ft' or 'lpft'"),
         (lambda r: r.update(methods={}), r"methods: name at least one merge"),
+        (lambda r: r.update(baselines=["lpft"]), r"baselines: must include ft"),
         (lambda r: r["merge"].update(sources_from="lpft") or r.update(baselines=["ft"]),
          r"merge\.sources_from 'lpft' is not one of baselines"),
     ],

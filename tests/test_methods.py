@@ -70,7 +70,7 @@ def backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_methods_are_chosen_by_name() -> None:
-    assert {"average", "interpolate", "medmerge"} <= set(MERGE_METHODS)
+    assert {"average", "interpolate", "medmerge"} <= set(MERGE_METHODS)  # and the competitors (docs/methods.md)
     unknown = MergeSettings.model_construct(method="sum", anchor="a")  # past validation, as a library caller could
     with pytest.raises(ValueError, match="unknown merge method 'sum'"):
         run_merge_method(MergeInputs(ARCH, sources(2), NAMES, tiny_task(), unknown, CPU))

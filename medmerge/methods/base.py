@@ -10,6 +10,7 @@ with :func:`register_method`. It declares:
   every entry of ``methods`` may override them. The config validates ``methods.<name>`` with the model
   (:meth:`MergeMethod.validate`), naming the bad key.
 - ``learns_coefficients``: whether its coefficients are learned (the report's layer-wise plot shows those).
+- ``needs_teachers``: whether it reads ``MergeInputs.teachers``, the FT baselines (``distill``).
 - ``describe(settings)``: the report's "kind" text; ``check(settings, source_names)``: checks across keys
   or against the sources.
 - ``run(inputs)``: the merge, with its coefficients and target head set; ``rebuild(...)``: an empty merge of
@@ -57,6 +58,9 @@ class MergeInputs:
     seed: int = 0
     on_epoch: Callable[[EpochResult], None] | None = None
     resume: ResumeDir | None = None
+    # the FT baselines of every source for this seed (source_names order, target head), given by the stage
+    # only to a method that sets ``needs_teachers`` (distillation from their ensemble)
+    teachers: Sequence[dict[str, Tensor]] | None = None
 
 
 @dataclass
@@ -110,6 +114,9 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     settings: ClassVar[type[MethodSettings]] = MethodSettings
     learns_coefficients: ClassVar[bool] = False
+    # reads MergeInputs.teachers: the stage loads the FT baselines (models/ft/seed_<n>/<source>) for it, and
+    # the config refuses it unless ``baselines`` holds ft
+    needs_teachers: ClassVar[bool] = False
 
     def describe(self, settings: MergeSettings) -> str:
         """The report's "kind" of a merge with ``settings`` (alignment is added by the caller)."""
