@@ -149,7 +149,8 @@ class _SharedMergeSettings(_Section):
 
     method: Annotated[str, AfterValidator(MERGE_METHODS.check)] = "medmerge"  # a key of MERGE_METHODS
     sources_from: Literal["pretrained", Baseline] = "pretrained"
-    align: Literal["none", "weight_matching"] = "none"  # permute non-anchor sources onto the anchor first
+    # permute non-anchor sources onto the anchor first: by their weights, or by their features on the target
+    align: Literal["none", "weight_matching", "activation_matching"] = "none"
     batch_size: int = Field(32, ge=1)
     anchor: str
     finetune_epochs: int = Field(8, ge=0)

@@ -73,7 +73,8 @@ def evaluated_methods(params: Params) -> list[Evaluated]:
     for name in params.methods:
         settings = params.method(name)
         kind = get_method(settings.method).describe(settings)
-        kind += ", weight matching" if settings.align == "weight_matching" else ""
+        kind += {"weight_matching": ", weight matching", "activation_matching": ", activation matching"}.get(
+            settings.align, "")
         methods.append(Evaluated(f"{name}_collapsed", f"{kind}, collapsed",
                                  lambda seed, n=name: layout.merge_dir(layout.MERGED, n, seed)))
         methods.append(Evaluated(name, f"{kind} + FT {settings.finetune_epochs} ep",

@@ -3,7 +3,8 @@
 Reads that seed's sources (models/<merge.sources_from>/seed_<n>/<source>, and models/sources/<source> for
 a source used as given) and the prepared target data, and runs ``methods.<method>`` in three steps:
 
-1. learn (average, interpolate or medmerge at its granularity; aligned first if ``align: weight_matching``)
+1. learn (average, interpolate or medmerge at its granularity; aligned first if ``align: weight_matching`` or
+   ``activation_matching``, the latter on the target training images)
    -> models/merge/<method>/seed_<n>/: coefficients.safetensors (normalised weight of each source per
    coefficient group), merge_state.safetensors (logits, head, BN buffers: with the sources, enough to rebuild
    the merge, see ``medmerge.methods.rebuild_merge``), permutations.safetensors (when aligned),
@@ -31,7 +32,7 @@ from medmerge.config import MergeSettings, Params
 from medmerge.data.target import TargetData
 from medmerge.io import read_json, write_json
 from medmerge.jobs import finetune_merged_job, train_job
-from medmerge.merge.alignment import align_sources, save_permutations
+from medmerge.merge.alignment import align_sources, align_sources_by_activations, save_permutations
 from medmerge.merge.collapse import collapse, merge_state_to_save, recalibrate_on_target
 from medmerge.methods import MergeInputs, MergeResult, run_merge_method
 from medmerge.models import load_model_dir, model_state_cpu, save_model_dir
@@ -53,12 +54,25 @@ from medmerge.stage import (
 from medmerge.tracking import TRAINING_SPLITS, stage_run
 
 
-def merge_sources(arch: str, names: list[str], sources_from: str, seed: int, anchor: str, align: str) -> tuple:
-    """Seed ``seed``'s sources, aligned onto ``anchor`` if asked, with permutations and alignment report."""
+def merge_sources(arch: str, names: list[str], sources_from: str, seed: int, anchor: str, align: str,
+                  data: TargetData | None = None, runtime=None) -> tuple:
+    """Seed ``seed``'s sources, aligned onto ``anchor`` if asked, with permutations and alignment report;
+    activation matching reads the sources' features on ``data``'s training images (unaugmented)."""
     sources = [load_model_dir(layout.source_dir(sources_from, name, seed))[0] for name in names]
     if align == "weight_matching":
         return align_sources(arch, sources, names, anchor)
+    if align == "activation_matching":
+        return align_sources_by_activations(arch, sources, names, anchor, target_inputs(arch, data, runtime, seed),
+                                            runtime.device)
     return sources, {}, {}
+
+
+def target_inputs(arch: str, data: TargetData, runtime, seed: int, batch_size: int = 16):
+    """A fresh iterator over the target training images, in order, normalised as the sources saw them."""
+    from medmerge.train import make_transform
+
+    transform = make_transform(arch, runtime, seed)
+    return lambda: (transform(images) for images, _ in data.train.in_order(batch_size))
 
 
 def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed: int, runtime, data: TargetData,
@@ -67,7 +81,7 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
     ``out``; the result and merge.json's contents."""
     names = params.source_names
     sources, permutations, alignment = merge_sources(params.arch, names, settings.sources_from, seed,
-                                                     settings.anchor, settings.align)
+                                                     settings.anchor, settings.align, data, runtime)
     tags = {"method": method, "merge_method": settings.method, "seed": str(seed),
             "granularity": settings.granularity, "align": settings.align}
     with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,

@@ -1,4 +1,5 @@
-"""Permutation alignment of same-architecture networks by weight matching (Git Re-Basin; docs/alignment.md).
+"""Permutation alignment of same-architecture networks by weight or activation matching (Git Re-Basin;
+docs/alignment.md).
 Names load from their submodules on first use (PEP 562): ``AlignmentError`` needs no torch."""
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ _EXPORTS = {
     "permutation_spec": "tracing",
     "apply_permutations": "apply",
     "random_permutations": "apply",
+    "feature_sites": "activations",
+    "feature_statistics": "activations",
+    "SpaceStatistics": "activations",
+    "activation_matching": "activation_matching",
     "alignment_similarity": "matching",
     "weight_matching": "matching",
     "load_permutations": "io",
@@ -21,6 +26,7 @@ _EXPORTS = {
     "align_sources": "sources",
     "alignment_skeleton": "sources",
     "apply_saved_permutations": "sources",
+    "align_sources_by_activations": "sources",
 }
 
 __all__ = sorted(_EXPORTS)
