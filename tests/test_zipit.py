@@ -86,7 +86,9 @@ def _randomise_norm_stats(model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.mark.parametrize(("arch", "same_model_merges"), [("test_resnet", True), ("test_resnet", False),
-                                                         ("test_efficientnet", True), ("tf_efficientnet_lite0", True)])
+                                                         ("test_efficientnet", True),
+                                                         pytest.param("tf_efficientnet_lite0", True,
+                                                                      marks=pytest.mark.slow)])  # ~100 s on 2 cores
 def test_zipit_of_two_permuted_copies_is_the_network(arch: str, same_model_merges: bool) -> None:
     """ZipIt! of a network and a copy with randomly permuted units computes the network's function
     (depthwise convs and squeeze-excite gates included): each unit is zipped with its copy."""

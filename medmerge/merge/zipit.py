@@ -134,82 +134,39 @@ def cross_only_spaces(spec: PermutationSpec, model: nn.Module) -> set[str]:
     return found
 
 
-def capture_points(spec: PermutationSpec, model: nn.Module) -> dict[str, str]:
-    """Module name -> the space its output carries, for every conv / linear / norm whose own parameters
-    have their axis 0 in one space (its output's feature axis; dim 1 of a map, the last of tokens)."""
-    points = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.modules.conv._ConvNd | nn.Linear | nn.modules.batchnorm._NormBase |
-                          nn.LayerNorm | nn.GroupNorm):
-            continue
-        entries = spec.key_axes.get(f"{name}.weight") or spec.key_axes.get(f"{name}.bias")
-        if entries and isinstance(entries[0], str):
-            points[name] = entries[0]
-    return points
+def layer_sites(model: nn.Module, spec: PermutationSpec) -> dict[str, list[str]]:
+    """Space -> the conv/linear layers (depthwise included) whose outputs carry it; a space no such layer
+    writes keeps the norm sites of :func:`~medmerge.merge.alignment.activations.feature_sites`.
 
+    Before the norm and the activation: a unit that an activation kills on the data (a dead ReLU, a
+    saturated ReLU6) still varies there, so it is matched by what it computes, not left to tie at zero
+    correlation with every other dead unit; a BatchNorm in eval mode is affine per unit and changes no
+    correlation but a sign.
+    """
+    from medmerge.merge.alignment.activations import feature_sites
 
-def _units(m: nn.Module, out: Tensor) -> Tensor:
-    """``out`` as (values, units)."""
-    if isinstance(m, nn.Linear) or type(m) is nn.LayerNorm:
-        return out.reshape(-1, out.shape[-1])
-    return out.transpose(0, 1).reshape(out.shape[1], -1).T
-
-
-class _Moments:
-    """Running sums of one capture point's concatenated features, shifted by the first batch's mean (so
-    that a unit which hardly varies keeps its variance's digits; float64 sums)."""
-
-    def __init__(self) -> None:
-        self.shift: Tensor | None = None
-        self.total: Tensor | None = None
-        self.outer: Tensor | None = None
-        self.count = 0
-
-    def add(self, values: Tensor) -> None:
-        if self.shift is None:
-            self.shift = values.mean(dim=0)
-        values = values - self.shift
-        total, outer = values.double().sum(dim=0), (values.T @ values).double()
-        self.total = total if self.total is None else self.total + total
-        self.outer = outer if self.outer is None else self.outer + outer
-        self.count += values.shape[0]
-
-    def correlation(self) -> Tensor:
-        mean = self.total / self.count
-        return correlation(self.outer / self.count - torch.outer(mean, mean))
+    sites = feature_sites(model, spec)
+    for name, module in model.named_modules():
+        entries = spec.key_axes.get(f"{name}.weight")
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear) and entries and isinstance(entries[0], str):
+            sites.setdefault(f"layers:{entries[0]}", []).append(name)
+    return {space: sites.get(f"layers:{space}") or names for space, names in sites.items()
+            if not space.startswith("layers:")}
 
 
 @torch.no_grad()
 def space_correlations(models: Sequence[nn.Module], spec: PermutationSpec, batches: Iterable[Tensor]
                        ) -> dict[str, Tensor]:
-    """Per space, the correlation of the N models' concatenated features (``N*C`` square), the mean over
-    its capture points (:func:`capture_points`) of each point's correlation over ``batches`` (eval mode)."""
-    points = capture_points(spec, models[0])
-    missing = sorted(set(spec.spaces) - set(points.values()))
+    """Per space, the correlation of the N models' concatenated features (``N*C`` square, model-major) over
+    ``batches`` (:mod:`medmerge.merge.alignment.activations`; every position a sample), read at the outputs
+    of the conv/linear layers that write the space (:func:`layer_sites`)."""
+    from medmerge.merge.alignment.activations import feature_statistics
+
+    stats = feature_statistics(models, spec, batches, layer_sites(models[0], spec))
+    missing = sorted(set(spec.spaces) - set(stats))
     if missing:
         raise ValueError(f"zipit: no conv/linear/norm output carries space '{missing[0]}' to correlate")
-    moments = {name: _Moments() for name in points}
-    outputs: list[dict[str, Tensor]] = [{} for _ in models]
-    handles = []
-    for n, model in enumerate(models):
-        model.eval()
-        modules = dict(model.named_modules())
-        for name in points:
-            handles.append(modules[name].register_forward_hook(
-                lambda m, _, out, name=name, n=n: outputs[n].__setitem__(name, _units(m, out).float())))
-    try:
-        for x in batches:
-            for model in models:
-                model(x)
-            for name, moment in moments.items():
-                moment.add(torch.cat([out.pop(name) for out in outputs], dim=1))
-    finally:
-        for handle in handles:
-            handle.remove()
-    per_space: dict[str, list[Tensor]] = {}
-    for name, moment in moments.items():
-        per_space.setdefault(points[name], []).append(moment.correlation())
-    return {space: torch.stack(corrs).mean(dim=0) for space, corrs in per_space.items()}
+    return {space: stats[space].joint_correlation() for space in spec.spaces}
 
 
 def _axis_matrix(entry: str | Concat, size: int, model: int, merges: Merges, output_side: bool) -> Tensor:
