@@ -89,8 +89,7 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
     names = params.source_names
     sources, permutations, alignment = merge_sources(params.arch, names, settings.sources_from, seed,
                                                      settings.anchor, settings.align, data, runtime)
-    tags = {"method": method, "merge_method": settings.method, "seed": str(seed),
-            "granularity": settings.granularity, "align": settings.align}
+    tags = {"method": method, "merge_method": settings.method, "seed": str(seed), "align": settings.align}
     with stage_run("learn_weights", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
                    run_name=f"{method} seed {seed}", tags=tags) as tracker:
         tracker.log_dataset(layout.processed_dir(params.data.target), params.data.target, TRAINING_SPLITS)
@@ -99,6 +98,8 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
                                               on_epoch=tracker.log_epoch, resume=stage_resume(params),
                                               teachers=teachers))
         merge = result.merge.cpu() if result.merge is not None else None
+        if merge is not None:  # the granularity the merge has (average and interpolate: one weight per model)
+            tracker.set_tags({"granularity": merge.granularity})
         info = {
             "name": method, "method": settings.method, "seed": seed, "arch": params.arch,
             "sources": names, "sources_from": settings.sources_from, "classes": data.classes,
