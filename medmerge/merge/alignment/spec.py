@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from medmerge.errors import InputError
+
 UNSUPPORTED_HINT = (
     "weight-matching alignment follows conv/linear/norm/attention layers and channel-wise ops "
     "(use merge.align: none)"
 )
 
 
-class AlignmentError(ValueError):
+class AlignmentError(ValueError, InputError):
     """The model contains a layer or an operation whose channel symmetry alignment cannot follow."""
 
 
