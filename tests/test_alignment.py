@@ -66,6 +66,16 @@ FULL = ["resnet50", "densenet121", "resnext26ts", "regnety_002", "seresnext26d_3
         "mobilenetv3_small_100"]
 
 
+# Over about 5 s each on 2 cores: run by `make test`, left out of `make test-fast` (which keeps one
+# architecture of each kind: resnet18, tf_efficientnet_lite0, densenet, vgg, convnext, vit, mobilenetv3).
+SLOW_ARCHS = {"efficientnet_b0", "regnety_002", "resnet50", "densenet121", "resnext26ts", "seresnext26d_32x4d"}
+
+
+def archs(names: list[str]) -> list:
+    """``names`` as parameters, the slow ones marked ``slow``."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_ARCHS else name for name in names]
+
+
 def randomise(model: nn.Module, seed: int) -> nn.Module:
     """Random per-channel affine parameters and statistics, so that every per-unit tensor influences the
     output (timm zero-inits some BN gammas and sets LayerNorm/layer-scale to constants, hiding errors)."""
@@ -123,7 +133,7 @@ def assert_symmetry(model: nn.Module, spec: PermutationSpec, seed: int = 1) -> d
     return permuted
 
 
-@pytest.mark.parametrize("arch", ARCHS + list(FAMILIES))
+@pytest.mark.parametrize("arch", archs(ARCHS + list(FAMILIES)))
 def test_spec_is_a_symmetry_and_matching_recovers_it(arch: str) -> None:
     model = make(arch, 0)
     spec = permutation_spec(model, SMALL)
@@ -136,7 +146,7 @@ def test_spec_is_a_symmetry_and_matching_recovers_it(arch: str) -> None:
         assert torch.equal(recovered[key], state[key]), key
 
 
-@pytest.mark.parametrize("arch", ["resnet18", *FAMILIES])
+@pytest.mark.parametrize("arch", archs(["resnet18", *FAMILIES]))
 def test_aligning_independent_models_raises_similarity_and_keeps_function(arch: str) -> None:
     anchor, other = make(arch, 0), make(arch, 1)
     spec = permutation_spec(anchor, SMALL)
@@ -149,7 +159,7 @@ def test_aligning_independent_models_raises_similarity_and_keeps_function(arch: 
     torch.testing.assert_close(outputs(with_state(other, aligned)), outputs(other), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", FULL)
+@pytest.mark.parametrize("arch", archs(FULL))
 def test_full_architectures_have_a_true_symmetry(arch: str) -> None:
     model = make(arch, 0)
     assert_symmetry(model, permutation_spec(model, SMALL))
@@ -162,6 +172,7 @@ def test_vgg16_pre_logits_continue_the_last_conv_space() -> None:
     assert spec.spaces["pre_logits.fc2"] == 4096 and len(spec.spaces) == 15  # 13 convs + 2 pre-logits
 
 
+@pytest.mark.slow
 def test_full_vit_has_a_true_symmetry() -> None:
     torch.manual_seed(0)
     vit = randomise(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32), 0)
