@@ -65,6 +65,7 @@ def native_capability() -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+@pytest.mark.slow
 def test_portable_kernels_train_the_bits_of_a_process_held_to_avx2_from_its_start():
     held_from_start = train_digest("native", {**PORTABLE_CPU_ENV, **NUMPY_AVX2_ENV})
     assert train_digest("portable") == held_from_start
@@ -72,6 +73,7 @@ def test_portable_kernels_train_the_bits_of_a_process_held_to_avx2_from_its_star
         assert train_digest("native") != held_from_start
 
 
+@pytest.mark.slow
 def test_portable_kernels_after_pytorch_chose_its_kernels_fail_clearly():
     if native_capability() == "AVX2":
         pytest.skip("this CPU's own kernels are the portable ones: no wrong choice to detect")

@@ -72,6 +72,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_a_distilled_student_agrees_with_the_ensemble_more_than_any_ft_baseline(one_thread) -> None:
     """On the training images, the student matches the ensemble's predictions more often than each of its
     members does; a student trained on the labels alone (hard_label_weight 1) does not."""

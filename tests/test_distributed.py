@@ -271,6 +271,7 @@ def _assert_learned_the_single_process_coefficients(out_dir: Path) -> None:
             assert max(float((plain[k] - two[k]).abs().max()) for k in plain) > 100 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_two_processes_learn_the_single_process_coefficients(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(Path(__file__).resolve()), str(tmp_path)]
@@ -297,6 +298,7 @@ def test_several_nodes_use_the_c10d_rendezvous() -> None:
         DeviceSettings(nodes=2)
 
 
+@pytest.mark.slow
 def test_two_nodes_learn_the_single_process_coefficients(tmp_path: Path) -> None:
     """Two torchrun agents, each a "node" with one gloo process, meet at a c10d rendezvous on 127.0.0.1 (the
     command ``device.nodes: 2`` builds) and learn what one process learns."""
