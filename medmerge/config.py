@@ -74,11 +74,17 @@ class DatasetSettings(_Section):
     train_fraction: float | None = Field(None, gt=0, le=1)  # keep this fraction of every training class
     n_train_per_class: int | None = Field(None, ge=1)  # or this many training images per class
     subsample_seed: int = 0
+    # kept: the subsample's training images | rest: every training image it leaves out (a disjoint source task
+    # from the same file as a target that keeps the subsample)
+    train_subset: Literal["kept", "rest"] = "kept"
 
     @model_validator(mode="after")
     def _one_subsample(self) -> DatasetSettings:
         if self.train_fraction is not None and self.n_train_per_class is not None:
             raise ValueError("give train_fraction or n_train_per_class, not both")
+        if self.train_subset == "rest" and self.train_fraction is None and self.n_train_per_class is None:
+            raise ValueError("train_subset: rest needs the subsample it leaves out (train_fraction or "
+                             "n_train_per_class)")
         return self
 
     @model_validator(mode="after")

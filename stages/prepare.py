@@ -23,7 +23,7 @@ def main() -> None:
         raw, params.data.image_size, layout.processed_dir(args.dataset), class_names=dataset.classes,
         resize=dataset.resize, workers=params.data.workers, allow_missing_classes=dataset.allow_missing_classes,
         train_fraction=dataset.train_fraction, n_train_per_class=dataset.n_train_per_class,
-        subsample_seed=dataset.subsample_seed, ordinal=dataset.ordinal,
+        subsample_seed=dataset.subsample_seed, train_subset=dataset.train_subset, ordinal=dataset.ordinal,
     )
     log.info("%s: %d classes, counts %s", args.dataset, meta["num_classes"], meta["counts"])
 

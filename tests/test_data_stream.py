@@ -129,10 +129,23 @@ def test_prepare_subsamples_train_only_and_records_it(tmp_path):
     meta = prepare_dataset(raw, 8, tmp_path / "p", train_fraction=0.2, subsample_seed=1)
     assert meta["counts"]["train"] == {"x": 2, "y": 2, "z": 2} and meta["counts"]["test"] == {"x": 1, "y": 1, "z": 1}
     assert meta["train_subsample"] == {"train_fraction": 0.2, "n_train_per_class": None, "seed": 1,
-                                       "images_before": 30, "images_after": 6}  # fmt: skip
+                                       "subset": "kept", "images_before": 30, "images_after": 6}  # fmt: skip
     images, labels = load_split(tmp_path / "p", "train")
     kept = subsample_train(raw.labels["train"], np.arange(30), 3, fraction=0.2, seed=1)
     assert np.array_equal(images, raw.images["train"][kept]) and np.array_equal(labels, raw.labels["train"][kept])
+
+
+def test_the_rest_of_a_subsample_is_its_disjoint_complement(tmp_path):
+    """A target keeping a subsample and a source task of the rest of the same file share no training image
+    and together hold every one."""
+    raw = _raw(tmp_path, [0] * 10 + [1] * 12 + [2] * 8)
+    kept = prepare_dataset(raw, 8, tmp_path / "kept", n_train_per_class=3, subsample_seed=4)
+    rest = prepare_dataset(raw, 8, tmp_path / "rest", n_train_per_class=3, subsample_seed=4, train_subset="rest")
+    assert kept["counts"]["train"] == {"x": 3, "y": 3, "z": 3}
+    assert rest["counts"]["train"] == {"x": 7, "y": 9, "z": 5} and rest["train_subsample"]["subset"] == "rest"
+    rows = {split: {image.tobytes() for image in load_split(tmp_path / split, "train")[0]} for split in ("kept", "rest")}
+    assert not rows["kept"] & rows["rest"] and rows["kept"] | rows["rest"] == {i.tobytes() for i in raw.images["train"]}
+    assert kept["counts"]["test"] == rest["counts"]["test"]  # val and test are the file's own, unchanged
 
 
 # ---------------------------------------------------------------- a class missing from train
@@ -238,6 +251,13 @@ def test_dataset_preparation_keys_are_validated():
     with pytest.raises(ConfigError, match=r"data\.datasets\.lesions: .*give train_fraction or n_train_per_class, not both"):
         parse_params(raw)
     lesions.pop("n_train_per_class")
+    lesions.pop("train_fraction")
+    lesions["train_subset"] = "rest"
+    with pytest.raises(ConfigError, match=r"data\.datasets\.lesions: .*train_subset: rest needs the subsample it "
+                                          r"leaves out \(train_fraction or n_train_per_class\)"):
+        parse_params(raw)
+    lesions["train_fraction"] = 0.5
+    assert parse_params(raw).data.datasets["lesions"].train_subset == "rest"
     lesions["resize"] = "fit"
     with pytest.raises(ConfigError, match=r"data\.datasets\.lesions\.resize: Input should be 'squash', 'pad' or 'center_crop'"):
         parse_params(raw)

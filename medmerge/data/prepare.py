@@ -219,16 +219,20 @@ def _take(items: Sequence, index: np.ndarray) -> Sequence:
 
 
 def _subsample(
-    raw: RawDataset | ImageManifest, num_classes: int, fraction: float | None, per_class: int | None, seed: int
+    raw: RawDataset | ImageManifest, num_classes: int, fraction: float | None, per_class: int | None, seed: int,
+    subset: str = "kept",
 ) -> tuple[Sequence, np.ndarray, dict | None]:
-    """The training items and labels to write, and what the subsampling did (None: all kept)."""
+    """The training items and labels to write (the subsample, or with ``subset="rest"`` every image it leaves
+    out), and what the subsampling did (None: all kept)."""
     images, labels = raw.images["train"], raw.labels["train"]
     if fraction is None and per_class is None:
         return images, labels, None
     groups = getattr(raw, "groups", {}).get("train")
     groups = np.arange(len(labels)) if groups is None else groups
     keep = subsample_train(labels, groups, num_classes, fraction=fraction, per_class=per_class, seed=seed)
-    info = {"train_fraction": fraction, "n_train_per_class": per_class, "seed": seed,
+    if subset == "rest":
+        keep = np.setdiff1d(np.arange(len(labels)), keep)
+    info = {"train_fraction": fraction, "n_train_per_class": per_class, "seed": seed, "subset": subset,
             "images_before": len(labels), "images_after": len(keep)}  # fmt: skip
     log.info("%s: training split subsampled %s", raw.source.name, info)
     return _take(images, keep), labels[keep], info
@@ -246,14 +250,16 @@ def prepare_dataset(
     train_fraction: float | None = None,
     n_train_per_class: int | None = None,
     subsample_seed: int = 0,
+    train_subset: str = "kept",
     ordinal: bool = False,
 ) -> dict:
     """Write resized RGB uint8 arrays, int64 labels and ``meta.json`` to ``out_dir``; return the meta.
 
     ``resize`` is the aspect-ratio policy; ``train_fraction`` / ``n_train_per_class`` subsample the
-    training split (:mod:`medmerge.data.subsample`); a train split without some class is a DataError
-    unless ``allow_missing_classes``. Everything is written into a temporary sibling directory that
-    replaces ``out_dir`` only when complete, so a failure leaves the previous ``out_dir`` (or none).
+    training split (:mod:`medmerge.data.subsample`), ``train_subset="rest"`` keeps its complement; a train
+    split without some class is a DataError unless ``allow_missing_classes``. Everything is written into a
+    temporary sibling directory that replaces ``out_dir`` only when complete, so a failure leaves the
+    previous ``out_dir`` (or none).
     """
     if int(image_size) != image_size or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
@@ -261,7 +267,7 @@ def prepare_dataset(
     out_dir, size, source = Path(out_dir), int(image_size), raw.source.name
     names = resolve_class_names(raw, class_names)
     train_images, train_labels, subsample = _subsample(
-        raw, len(names), train_fraction, n_train_per_class, subsample_seed
+        raw, len(names), train_fraction, n_train_per_class, subsample_seed, train_subset
     )
     items = {"train": train_images, **{split: raw.images[split] for split in SPLITS[1:]}}
     labels = {"train": train_labels, **{split: raw.labels[split] for split in SPLITS[1:]}}
