@@ -44,11 +44,15 @@ def resolve_tracking_uri(configured: str | None = None, root: Path | None = None
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_STORE
     if "://" not in uri:
         return f"sqlite:///{(root / uri).resolve()}"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.is_absolute():
-            return f"sqlite:///{(root / path).resolve()}"
+    path = sqlite_file(uri)
+    if path is not None and not path.is_absolute():
+        return f"sqlite:///{(root / path).resolve()}"
     return uri
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for other stores."""
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
 
 
 def artifact_location(root: Path | None = None) -> str:
@@ -71,11 +75,11 @@ def git_commit(root: Path | None = None) -> str:
 def _store_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
     """An inter-process lock beside a SQLite store: several fresh processes initialising one file race
     (``table experiments already exists``), e.g. under ``dvc queue start -j 2``. Other stores need none."""
-    if not tracking_uri.startswith("sqlite:///"):
+    database = sqlite_file(tracking_uri)
+    if database is None:
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    database = Path(tracking_uri[len("sqlite:///"):])
     database.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(database) + ".lock", timeout=300)
 
