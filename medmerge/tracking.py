@@ -31,6 +31,10 @@ ARTIFACTS_DIR = "mlartifacts"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 SERVER_SCHEMES = ("http://", "https://")
+#: the stage whose run sums up a pipeline run (every method's numbers, the reports); the UI links lead to it
+SUMMARY_STAGE = "evaluate"
+#: what a UI link asks for: MLflow 3.17's UI opens an experiment on GenAI traces without it
+UI_TRAINING_VIEW = "workflowType=machine_learning"
 #: the splits a training run reads, as ``mlflow.log_input`` contexts
 TRAINING_SPLITS = {"train": "training", "val": "validation"}
 
@@ -105,6 +109,26 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
             mlflow.MlflowClient(tracking_uri).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
                                                                  EXPERIMENT_KIND)
         return experiment.experiment_id
+
+
+def ui_links(tracking_uri: str, experiment: str, host: str = "127.0.0.1",
+             port: int = 5000) -> tuple[str, str | None] | None:
+    """The MLflow UI's links (a UI at ``host:port`` on ``tracking_uri``) to ``experiment``'s training runs and
+    to its latest finished :data:`SUMMARY_STAGE` run (None without one); None while the store holds no such
+    experiment. A SQLite store that does not exist is not created."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.is_file():
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    summary = client.search_runs([found.experiment_id], f"tags.stage = '{SUMMARY_STAGE}' and attributes.status = "
+                                 "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    runs = f"http://{host}:{port}/#/experiments/{found.experiment_id}/runs"
+    return f"{runs}?{UI_TRAINING_VIEW}", (f"{runs}/{summary[0].info.run_id}?{UI_TRAINING_VIEW}" if summary else None)
 
 
 def dataset_digest(prepared_dir: Path, split: str) -> str:
