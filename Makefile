@@ -51,11 +51,14 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 
-# The MLflow UI on the same store the pipeline writes (127.0.0.1 only).
-# MLflow 3.17's UI opens experiments on GenAI traces unless the URL asks for the model-training view.
+# The MLflow UI on the same store the pipeline writes (127.0.0.1 only), after printing its links to the
+# training runs and the latest evaluate run: MLflow 3.17's UI opens experiments on GenAI traces unless the
+# URL asks for the model-training view. Stops with one line if the pipeline has not run yet.
+UI_STORE = sqlite:///$(CURDIR)/mlflow.db
+UI_ADDRESS = --host 127.0.0.1 --port 5000
 ui: install
-	@echo "Training runs: the 'Model training' toggle (top left), or #/experiments/<id>?workflowType=machine_learning"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	@$(BIN)/medmerge ui-url --store $(UI_STORE) $(UI_ADDRESS)
+	$(BIN)/mlflow ui --backend-store-uri $(UI_STORE) $(UI_ADDRESS)
 
 benchmark: install
 	$(BIN)/python -m benchmarks suite

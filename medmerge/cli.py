@@ -3,6 +3,7 @@
     medmerge predict --model models/merged_ft/medmerge_aligned/seed_0 scans/ --out predictions.csv
     medmerge predict --model models:/medmerge/1 images.csv        # a registered MLflow model
     medmerge info models/merged_ft/medmerge_aligned/seed_0
+    medmerge ui-url                                                # the MLflow UI's links to the runs
 
 A model is a model dir the pipeline wrote, or an MLflow model URI (``models:/<name>/<version>``,
 ``runs:/<run>/model``) whose artifacts hold one. Images: folders (searched recursively), CSV files with a
@@ -81,6 +82,20 @@ def info_command(args: argparse.Namespace) -> None:
         print(f"timm          timm.create_model('local-dir:{directory}', pretrained=True)")
 
 
+def ui_url_command(args: argparse.Namespace) -> None:
+    from medmerge.config import PARAMS_FILE, MlflowSettings, load_params
+    from medmerge.tracking import resolve_tracking_uri, ui_links
+
+    settings = load_params().mlflow if Path(PARAMS_FILE).is_file() else MlflowSettings()
+    store = args.store or resolve_tracking_uri(settings.tracking_uri)
+    links = ui_links(store, settings.experiment, args.host, args.port)
+    if links is None:
+        raise InputError(f"{store}: no MLflow experiment '{settings.experiment}' yet; run `dvc repro` first")
+    runs, summary = links
+    print(f"training runs:        {runs}")
+    print(f"latest evaluate run:  {summary or 'none finished yet'}")
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="medmerge", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +111,11 @@ def parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="what a model is: architecture, classes, preprocessing, origin")
     info.add_argument("model", help="a model dir or an MLflow model URI")
     info.set_defaults(run=info_command)
+    ui_url = commands.add_parser("ui-url", help="the MLflow UI's links to the training runs and the evaluate run")
+    ui_url.add_argument("--store", help="the tracking URI (default: the pipeline's, sqlite:///<repo>/mlflow.db)")
+    ui_url.add_argument("--host", default="127.0.0.1", help="where the MLflow UI listens")
+    ui_url.add_argument("--port", type=int, default=5000)
+    ui_url.set_defaults(run=ui_url_command)
     return main
 
 

@@ -31,6 +31,10 @@ ARTIFACTS_DIR = "mlartifacts"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 SERVER_SCHEMES = ("http://", "https://")
+#: the stage whose run sums up a pipeline run (every method's numbers, the reports); the UI links lead to it
+SUMMARY_STAGE = "evaluate"
+#: what a UI link asks for: MLflow 3.17's UI opens an experiment on GenAI traces without it
+UI_TRAINING_VIEW = "workflowType=machine_learning"
 #: the splits a training run reads, as ``mlflow.log_input`` contexts
 TRAINING_SPLITS = {"train": "training", "val": "validation"}
 
@@ -44,11 +48,15 @@ def resolve_tracking_uri(configured: str | None = None, root: Path | None = None
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_STORE
     if "://" not in uri:
         return f"sqlite:///{(root / uri).resolve()}"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.is_absolute():
-            return f"sqlite:///{(root / path).resolve()}"
+    path = sqlite_file(uri)
+    if path is not None and not path.is_absolute():
+        return f"sqlite:///{(root / path).resolve()}"
     return uri
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for other stores."""
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
 
 
 def artifact_location(root: Path | None = None) -> str:
@@ -71,11 +79,11 @@ def git_commit(root: Path | None = None) -> str:
 def _store_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
     """An inter-process lock beside a SQLite store: several fresh processes initialising one file race
     (``table experiments already exists``), e.g. under ``dvc queue start -j 2``. Other stores need none."""
-    if not tracking_uri.startswith("sqlite:///"):
+    database = sqlite_file(tracking_uri)
+    if database is None:
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    database = Path(tracking_uri[len("sqlite:///"):])
     database.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(database) + ".lock", timeout=300)
 
@@ -101,6 +109,26 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
             mlflow.MlflowClient(tracking_uri).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
                                                                  EXPERIMENT_KIND)
         return experiment.experiment_id
+
+
+def ui_links(tracking_uri: str, experiment: str, host: str = "127.0.0.1",
+             port: int = 5000) -> tuple[str, str | None] | None:
+    """The MLflow UI's links (a UI at ``host:port`` on ``tracking_uri``) to ``experiment``'s training runs and
+    to its latest finished :data:`SUMMARY_STAGE` run (None without one); None while the store holds no such
+    experiment. A SQLite store that does not exist is not created."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.is_file():
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    summary = client.search_runs([found.experiment_id], f"tags.stage = '{SUMMARY_STAGE}' and attributes.status = "
+                                 "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    runs = f"http://{host}:{port}/#/experiments/{found.experiment_id}/runs"
+    return f"{runs}?{UI_TRAINING_VIEW}", (f"{runs}/{summary[0].info.run_id}?{UI_TRAINING_VIEW}" if summary else None)
 
 
 def dataset_digest(prepared_dir: Path, split: str) -> str:

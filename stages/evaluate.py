@@ -21,7 +21,7 @@ from medmerge.model_registry import best_model, register_best_model
 from medmerge.plots import plot_comparison, plot_confusion, plot_differences, plot_layerwise
 from medmerge.report import HEADERS
 from medmerge.stage import run, stage_params
-from medmerge.tracking import stage_run
+from medmerge.tracking import SUMMARY_STAGE, stage_run
 
 log = logging.getLogger("medmerge.stages.evaluate")
 
@@ -50,8 +50,8 @@ def log_to_mlflow(comparison: Comparison, params: Params, flat: dict) -> None:
     metric, metrics, per_seed = params.evaluate.metric, comparison.metrics_json, comparison.per_seed
     names = comparison.metric_names
     tags = {"summary": "true", "reference": comparison.reference}
-    with stage_run("evaluate", params.mlflow.experiment, flat, params.mlflow.tracking_uri,
-                   run_name="evaluate", tags=tags) as tracker:
+    with stage_run(SUMMARY_STAGE, params.mlflow.experiment, flat, params.mlflow.tracking_uri,
+                   run_name=SUMMARY_STAGE, tags=tags) as tracker:
         tracker.log_metrics({f"{m}.{k}": v for m, values in metrics.items() for k, v in values.items()
                              if not isinstance(v, str)})
         tracker.log_artifacts(layout.REPORTS, artifact_path="reports")
