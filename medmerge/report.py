@@ -10,6 +10,8 @@ learned coefficients per layer over seeds (the paper's layer-wise transfer patte
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -146,13 +148,23 @@ def layerwise(summaries: Mapping[int, pd.DataFrame], source_names: Sequence[str]
     return result.reset_index().fillna(0.0)
 
 
-RESULTS_BEGIN = "<!-- results: generated from reports/comparison.md by scripts/readme_results.py; do not edit -->"
+RESULTS_MARK = "<!-- results: generated from {source} by scripts/readme_results.py; do not edit -->"
+DEFAULT_REPORT = "reports/comparison.md"
+RESULTS_BEGIN = RESULTS_MARK.format(source=DEFAULT_REPORT)
 RESULTS_END = "<!-- /results -->"
+_RESULTS_SOURCE = re.compile(re.escape(RESULTS_MARK).replace(re.escape("{source}"), r"(\S+)"))
 
 
-def with_results_block(document: str, report: str) -> str:
-    """``document`` with the text between its results markers replaced by ``report``."""
-    start, end = document.find(RESULTS_BEGIN), document.find(RESULTS_END)
+def results_sources(document: str) -> list[str]:
+    """The report files (paths relative to the repository) whose results blocks ``document`` holds."""
+    return _RESULTS_SOURCE.findall(document)
+
+
+def with_results_block(document: str, report: str, source: str = DEFAULT_REPORT) -> str:
+    """``document`` with the text of its results block of ``source`` replaced by ``report``."""
+    begin = RESULTS_MARK.format(source=source)
+    start = document.find(begin)
+    end = document.find(RESULTS_END, start)
     if start < 0 or end < start:
-        raise ValueError(f"no results block: expected a line {RESULTS_BEGIN!r} and, after it, {RESULTS_END!r}")
-    return document[: start + len(RESULTS_BEGIN)] + "\n" + report.rstrip("\n") + "\n" + document[end:]
+        raise ValueError(f"no results block: expected a line {begin!r} and, after it, {RESULTS_END!r}")
+    return document[: start + len(begin)] + "\n" + report.rstrip("\n") + "\n" + document[end:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medmerge.report import RESULTS_BEGIN, RESULTS_END, with_results_block
+from medmerge.report import RESULTS_BEGIN, RESULTS_END, RESULTS_MARK, results_sources, with_results_block
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -22,11 +22,27 @@ def test_readme_results_block_is_the_committed_report() -> None:
     assert "| verdict |" in report and "Reference: `" in report
 
 
+def test_every_results_block_in_the_docs_quotes_its_report() -> None:
+    """README.md and docs/*.md quote committed reports only through generated blocks, each equal to its file."""
+    quoted = {}
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text()
+        for source in results_sources(text):
+            assert with_results_block(text, (REPO / source).read_text(), source) == text, (
+                f"{path.name}: the block of {source} is stale; run `python scripts/readme_results.py`")
+            quoted[source] = path.name
+    assert "reports/comparison.md" in quoted
+
+
 def test_results_block_rewrite_replaces_only_the_block() -> None:
     document = f"intro\n{RESULTS_BEGIN}\nold table\n{RESULTS_END}\noutro\n"
     assert with_results_block(document, "new table\n") == f"intro\n{RESULTS_BEGIN}\nnew table\n{RESULTS_END}\noutro\n"
     with pytest.raises(ValueError, match="no results block"):
         with_results_block("no markers", "table")
+    other = RESULTS_MARK.format(source="examples/x/reports/comparison.md")
+    two = f"{document}{other}\nold\n{RESULTS_END}\n"
+    assert results_sources(two) == ["reports/comparison.md", "examples/x/reports/comparison.md"]
+    assert with_results_block(two, "x\n", "examples/x/reports/comparison.md") == f"{document}{other}\nx\n{RESULTS_END}\n"
 
 
 def test_readme_lists_every_library_module() -> None:
