@@ -11,7 +11,6 @@ learned coefficients per layer over seeds (the paper's layer-wise transfer patte
 from __future__ import annotations
 
 import re
-
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
