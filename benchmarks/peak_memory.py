@@ -30,7 +30,7 @@ from .step_time import VARIANTS, build_variant, example_batch, make_step, sync
 TARGET = ("<=", 1.5)
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     """A ``/proc/self/status`` field in KiB: VmRSS (resident now) or VmHWM (peak resident)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -38,7 +38,7 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -47,13 +47,13 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_bytes(resettable: bool) -> int:
+def peak_bytes(resettable: bool) -> int:
     if resettable:
-        return _status_kib("VmHWM") * 1024
+        return status_kib("VmHWM") * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, never reset
 
 
-def _trim() -> None:
+def trim() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -76,17 +76,17 @@ def memory_child(spec: dict) -> dict:
         make_step(model, params, runtime)(*tiny)
         del model, params
     x, y = example_batch(spec["size"], spec["batch"], runtime)
-    _trim()
-    resettable = _reset_peak()
-    before = _status_kib("VmRSS") * 1024
+    trim()
+    resettable = reset_peak()
+    before = status_kib("VmRSS") * 1024
     model, params = build_variant(spec["arch"], spec["variant"], runtime, spec["sources"])
-    _trim()
-    built, built_peak = _status_kib("VmRSS") * 1024, _peak_bytes(resettable)
-    resettable = resettable and _reset_peak()
+    trim()
+    built, built_peak = status_kib("VmRSS") * 1024, peak_bytes(resettable)
+    resettable = resettable and reset_peak()
     step = make_step(model, params, runtime)
     for _ in range(spec["steps"]):
         step(x, y)
-    peak = _peak_bytes(resettable)
+    peak = peak_bytes(resettable)
     return {"before": before, "built": built, "built_peak": built_peak, "peak": peak, "hwm_reset": resettable}
 
 
