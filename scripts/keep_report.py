@@ -23,13 +23,17 @@ REPORTS = ["comparison.md", "comparison.csv", "metrics.json", "per_seed.csv", "c
 
 
 def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (the platform's processor string elsewhere)."""
+    """The CPU's model name, family and model numbers and widest vector unit, from /proc/cpuinfo (the
+    platform's processor string elsewhere)."""
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    if not cpuinfo.is_file():
+        return platform.processor() or "unknown"
+    fields = {}
+    for line in cpuinfo.read_text().split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    vector = "AVX-512" if "avx512f" in fields.get("flags", "").split() else "AVX2"
+    return f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family')}, model {fields.get('model')}, {vector})"
 
 
 def main() -> int:
