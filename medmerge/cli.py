@@ -13,7 +13,6 @@ A model is a model dir the pipeline wrote, or an MLflow model URI (``models:/<na
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -70,16 +69,27 @@ def describe(card: dict) -> list[str]:
     return lines
 
 
+def timm_hint(reference: str, directory: Path, scratch: Path) -> str:
+    """How to open the model with timm: its folder, or for an MLflow URI (downloaded into ``scratch``, which
+    is gone when the command returns) the download that gives one."""
+    if reference.startswith(MLFLOW_SCHEMES):
+        inside = directory.relative_to(scratch).as_posix()
+        return (f"mlflow artifacts download -u {reference} -d DIR, then "
+                f"timm.create_model('local-dir:DIR/{inside}', pretrained=True)")
+    return f"timm.create_model('local-dir:{directory}', pretrained=True)"
+
+
 def info_command(args: argparse.Namespace) -> None:
     from medmerge.models import load_model_dir
 
     with tempfile.TemporaryDirectory(prefix="medmerge-model-") as scratch:
         directory = model_dir(args.model, Path(scratch))
         _, card = load_model_dir(directory)
-        config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+        has_config = (directory / "config.json").is_file()
+        hint = timm_hint(args.model, directory, Path(scratch))
     print("\n".join(describe(card)))
-    if config:
-        print(f"timm          timm.create_model('local-dir:{directory}', pretrained=True)")
+    if has_config:
+        print(f"timm          {hint}")
 
 
 def ui_url_command(args: argparse.Namespace) -> None:

@@ -143,7 +143,19 @@ def test_cli_predict_writes_the_csv_and_info_describes_the_model(tmp_path: Path,
     main(["info", str(model_dir)])
     info = capsys.readouterr().out
     assert TINY in info and "benign, malignant, unclear" in info and "32 x 32" in info
+    assert f"timm.create_model('local-dir:{model_dir}', pretrained=True)" in info
     with pytest.raises(SystemExit) as stopped:
         main(["predict", "--model", str(tmp_path / "nowhere"), str(tmp_path / "scan.png")])
     assert stopped.value.code == 1 and "nowhere/card.json" in capsys.readouterr().err
     assert json.loads((model_dir / "config.json").read_text())["label_names"] == CLASSES
+
+
+def test_info_on_a_registered_model_gives_a_timm_hint_that_outlives_the_command(tmp_path: Path) -> None:
+    """For an MLflow URI the model is downloaded into a folder removed on return: the hint names the download."""
+    from medmerge.cli import timm_hint
+
+    scratch = tmp_path / "scratch"
+    hint = timm_hint("models:/medmerge/3", scratch / "artifacts" / "medmerge_seed_0", scratch)
+    assert hint == ("mlflow artifacts download -u models:/medmerge/3 -d DIR, then "
+                    "timm.create_model('local-dir:DIR/artifacts/medmerge_seed_0', pretrained=True)")
+    assert str(tmp_path) not in hint
