@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import platform
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-from medmerge.device import Runtime
+from medmerge.device import Runtime, cpu_description
 
 
 def row(benchmark: str, what: str, config: str, measured: str, ratio: float | None,
@@ -38,12 +37,7 @@ def environment(runtime: Runtime | None) -> dict:
     if runtime is not None and runtime.device.type == "cuda":
         device = torch.cuda.get_device_name()
     else:
-        try:
-            model_names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                           if ln.startswith("model name")]
-            device = model_names[0] if model_names else platform.processor()
-        except OSError:
-            device = platform.processor()
+        device = cpu_description()
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "load_average_1min": os.getloadavg()[0]}

@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,13 +17,26 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: what ``device.cpu_kernels: portable`` sets before the first tensor operation: PyTorch's own vectorised
 #: kernels, oneDNN's convolutions and MKL's BLAS all on their AVX2 code paths (MKL in its conditional
-#: numerical reproducibility mode), so that every x86-64 CPU with AVX2 sums in the same order
+#: numerical reproducibility mode): the same CPU model then sums in the same order whatever instruction sets
+#: it has beyond AVX2; another CPU model may still round differently (docs/reproducibility.md)
 PORTABLE_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 CPU_KERNELS = ("portable", "native")
 
 
 class KernelChoiceError(RuntimeError):
     """``device.cpu_kernels: portable`` came too late: PyTorch had already picked its kernels."""
+
+
+def cpu_description() -> str:
+    """This CPU as a time or a reproducibility claim must name it: model name, family and model numbers and
+    its widest vector unit, from /proc/cpuinfo (the platform's processor string where there is none)."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    vector = "AVX-512" if "avx512f" in fields.get("flags", "").split() else "AVX2"
+    return f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family')}, model {fields.get('model')}, {vector})"
 
 
 def hold_cpu_kernels(kernels: str, threads: int) -> str:

@@ -10,7 +10,6 @@ of its `dvc repro` when given (``--seconds``). Nothing in the copied files is ed
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -20,20 +19,6 @@ import yaml
 
 REPORTS = ["comparison.md", "comparison.csv", "metrics.json", "per_seed.csv", "comparison.png", "differences.png",
            "layerwise.png"]
-
-
-def cpu_model() -> str:
-    """The CPU's model name, family and model numbers and widest vector unit, from /proc/cpuinfo (the
-    platform's processor string elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return platform.processor() or "unknown"
-    fields = {}
-    for line in cpuinfo.read_text().split("\n\n")[0].splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    vector = "AVX-512" if "avx512f" in fields.get("flags", "").split() else "AVX2"
-    return f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family')}, model {fields.get('model')}, {vector})"
 
 
 def main() -> int:
@@ -48,13 +33,15 @@ def main() -> int:
         return 1
     import torch
 
+    from medmerge.device import cpu_description
+
     args.dest.mkdir(parents=True, exist_ok=True)
     for name in REPORTS:
         shutil.copyfile(args.run_dir / "reports" / name, args.dest / name)
     shutil.copyfile(args.run_dir / "params.yaml", args.dest / "params.yaml")
     params = yaml.safe_load((args.run_dir / "params.yaml").read_text())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.run_dir, capture_output=True, text=True)
-    run = {"commit": commit.stdout.strip() or None, "cpu": cpu_model(), "cpu_threads": params["device"]["cpu_threads"],
+    run = {"commit": commit.stdout.strip() or None, "cpu": cpu_description(), "cpu_threads": params["device"]["cpu_threads"],
            "cpu_kernels": params["device"]["cpu_kernels"], "torch": torch.__version__,
            "dvc_repro_seconds": args.seconds}
     (args.dest / "run.json").write_text(json.dumps(run, indent=2) + "\n")

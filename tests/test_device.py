@@ -16,3 +16,17 @@ def test_runtime_resolution_on_cpu() -> None:
             resolve_runtime("cuda")
     assert resolve_runtime("cpu", "bf16").amp_dtype == torch.bfloat16
     assert not resolve_runtime("cpu", "fp16").grad_scaler().is_enabled()
+
+
+def test_cpu_description_names_the_model_its_numbers_and_vector_unit() -> None:
+    from pathlib import Path
+
+    from medmerge.device import cpu_description
+
+    described = cpu_description()
+    first = Path("/proc/cpuinfo").read_text().split("\n\n")[0] if Path("/proc/cpuinfo").is_file() else ""
+    if "model name" in first:
+        name = next(line.split(":", 1)[1].strip() for line in first.splitlines() if line.startswith("model name"))
+        family = next(line.split(":", 1)[1].strip() for line in first.splitlines() if line.startswith("cpu family"))
+        assert described.startswith(f"{name} (family {family}, model ")
+        assert described.endswith("AVX-512)") == (" avx512f" in first)
