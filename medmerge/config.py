@@ -225,8 +225,8 @@ class DeviceSettings(_Section):
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "on"
     compile: bool = False
-    # on the CPU: portable (PyTorch, oneDNN and MKL held to AVX2: every x86-64 CPU with AVX2 trains the same
-    # bits) or native (each library's fastest code path for this CPU; results differ between CPUs)
+    # on the CPU: portable (PyTorch, oneDNN and MKL held to AVX2: the same CPU model, threads and versions train
+    # the same bits; another CPU a statistically equivalent run) or native (each library's fastest code path)
     cpu_kernels: Literal["portable", "native"] = "portable"
     cpu_threads: int = Field(2, ge=0, le=4096)  # torch threads on the CPU (the sums' order); 0: one per core
     # > 1: the training stages run as that many DDP processes under torchrun (one per GPU on CUDA, gloo

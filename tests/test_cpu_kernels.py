@@ -1,5 +1,5 @@
 """``device.cpu_kernels``: portable training (the linear probe included) gives the same bits as a process started
-with every kernel library held to AVX2, NumPy's too (what any x86-64 CPU with AVX2 runs), and it must come
+with every kernel library held to AVX2, NumPy's too (the code paths of a CPU with AVX2 and nothing wider), and it must come
 before PyTorch's first kernel choice."""
 
 from __future__ import annotations
