@@ -21,6 +21,7 @@ import pkgutil
 
 from medmerge.methods.base import (
     MERGE_METHODS,
+    STEPS,
     MergeInputs,
     MergeMethod,
     MergeResult,
@@ -30,6 +31,7 @@ from medmerge.methods.base import (
     rebuild_merge,
     register_method,
     run_merge_method,
+    step_settings,
 )
 
 for _module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
@@ -44,8 +46,10 @@ __all__ = [
     "MergeResult",
     "MethodSettings",
     "MethodSettingsError",
+    "STEPS",
     "get_method",
     "rebuild_merge",
+    "step_settings",
     "register_method",
     "run_merge_method",
 ]

@@ -11,6 +11,11 @@ with :func:`register_method`. It declares:
   (:meth:`MergeMethod.validate`), naming the bad key.
 - ``learns_coefficients``: whether its coefficients are learned (the report's layer-wise plot shows those).
 - ``needs_teachers``: whether it reads ``MergeInputs.teachers``, the FT baselines (``distill``).
+- ``collapses_while_learning``: whether ``run`` reads the collapse keys (``bn_recalibration``, ``repair``):
+  a fixed-weight method fits its head on the collapsed model, a feature-matching one recalibrates.
+- ``learn_keys(settings)``: the keys of ``merge`` its learning reads (:data:`LEARN_KEYS`, its own keys, and
+  what it adds); :func:`step_settings` splits a merge's settings into what each of its stages reads, so
+  that a sweep of a key reruns only the stages that read it.
 - ``describe(settings)``: the report's "kind" text; ``check(settings, source_names)``: checks across keys
   or against the sources.
 - ``run(inputs)``: the merge, with its coefficients and target head set; ``rebuild(...)``: an empty merge of
@@ -32,6 +37,16 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from medmerge.registry import Registry
+
+#: the keys of ``merge`` that learning any merge reads: the stage reads sources_from, align and anchor to
+#: load and align the sources, the method batches the target and weighs its loss
+LEARN_KEYS = ("method", "sources_from", "align", "anchor", "batch_size", "class_weighted", "options")
+#: read by collapsing a learned merge (and by the learning of a method that ``collapses_while_learning``)
+COLLAPSE_KEYS = ("bn_recalibration", "repair")
+#: read by the fine-tune of the collapsed model
+FINETUNE_KEYS = ("finetune_epochs",)
+#: the merge's steps, each one DVC stage per method and seed, in order
+STEPS = ("learn", "collapse", "finetune")
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -117,6 +132,13 @@ class MergeMethod(ABC):
     # reads MergeInputs.teachers: the stage loads the FT baselines (models/ft/seed_<n>/<source>) for it, and
     # the config refuses it unless ``baselines`` holds ft
     needs_teachers: ClassVar[bool] = False
+    collapses_while_learning: ClassVar[bool] = False
+
+    def learn_keys(self, settings: MergeSettings) -> set[str]:
+        """The keys of ``merge`` that :meth:`run` (and the stage around it) reads with ``settings``: a change
+        of any other key leaves its learned merge as it is."""
+        keys = set(LEARN_KEYS) | (set(COLLAPSE_KEYS) if self.collapses_while_learning else set())
+        return keys | (set(self.settings.model_fields) if self.settings.keys_in_merge else set())
 
     def describe(self, settings: MergeSettings) -> str:
         """The report's "kind" of a merge with ``settings`` (alignment is added by the caller)."""
@@ -197,6 +219,15 @@ def run_merge_method(inputs: MergeInputs) -> MergeResult:
     except ValueError as error:
         raise ValueError(f"{method.name} {error}") from None
     return method.run(inputs)
+
+
+def step_settings(settings: MergeSettings) -> dict[str, dict]:
+    """``settings`` split by the step that reads them (:data:`STEPS`): ``learn`` holds the keys its method's
+    learning reads, ``collapse`` and ``finetune`` the keys of those steps, each as JSON values by key."""
+    values = settings.model_dump(mode="json")
+    keys = {"learn": get_method(settings.method).learn_keys(settings), "collapse": COLLAPSE_KEYS,
+            "finetune": FINETUNE_KEYS}
+    return {step: {key: values[key] for key in sorted(keys[step])} for step in STEPS}
 
 
 def rebuild_merge(arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str], num_classes: int,

@@ -64,6 +64,15 @@ class Distill(MergeMethod):
     name = "distill"
     settings = DistillSettings
     needs_teachers = True
+    collapses_while_learning = True  # a student started from a merge is that merge collapsed
+
+    def learn_keys(self, settings: MergeSettings) -> set[str]:
+        """Its own keys, and those of the merge its student starts from (``student_init``)."""
+        keys = super().learn_keys(settings)
+        student_init = self.own_settings(settings).student_init
+        if student_init == SOURCE:
+            return keys
+        return keys | MERGE_METHODS.get(student_init).learn_keys(student_settings(settings, student_init))
 
     def describe(self, settings: MergeSettings) -> str:
         own = self.own_settings(settings)

@@ -22,6 +22,7 @@ class FixedWeightMethod(MergeMethod):
     """A method whose merge is one frozen weight per source (:func:`fixed_weight_merge`); ``run`` picks them."""
 
     learns_coefficients = False
+    collapses_while_learning = True  # its head is a linear probe on the collapsed model
 
     def rebuild(self, arch: str, sources: Sequence[dict[str, Tensor]], source_names: Sequence[str],
                 num_classes: int, settings: MergeSettings) -> KernelMerge:

@@ -40,6 +40,7 @@ class PleasSettings(MethodSettings):
 @register_method
 class Pleas(MergeMethod):
     name = "pleas"
+    collapses_while_learning = True  # recalibrates the merged model before fitting its head
     settings = PleasSettings
 
     def describe(self, settings: MergeSettings) -> str:

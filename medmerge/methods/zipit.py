@@ -46,6 +46,7 @@ class ZipItSettings(MethodSettings):
 @register_method
 class ZipIt(MergeMethod):
     name = "zipit"
+    collapses_while_learning = True  # recalibrates the merged model before fitting its head
     settings = ZipItSettings
 
     def describe(self, settings: MergeSettings) -> str:
