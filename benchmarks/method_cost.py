@@ -1,10 +1,10 @@
 """Each merge method's merge step against one plain fine-tune epoch: wall time and peak memory (no target).
 
 Every entry of configs/methods/all_methods.yaml (``--methods`` picks some) merges the same two sources on
-the same target data, each in a fresh process that runs step 1 of the merge stage (``stages.merge``) as the
-stage calls it: settings through ``load_params`` from a params.yaml, the sources loaded and aligned if asked
-(``merge_sources``), the FT teachers for distill, then ``run_merge_method`` (medmerge's coefficient epochs,
-interpolate's alpha search, pleas' least squares, zipit's zip, distill's epochs), without MLflow and resume
+the same target data, each in a fresh process that runs the learn stage (``stages.learn``) as the
+stage calls it: settings through ``load_params`` from a params.yaml, the sources loaded and aligned if
+asked (``medmerge.merge.inputs.load_sources``), the FT teachers for distill, then ``run_merge_method``
+(medmerge's coefficient epochs, interpolate's alpha search, pleas' least squares, zipit's zip, distill's epochs), without MLflow and resume
 checkpoints. Not counted: the collapse, BatchNorm recalibration and fine-tune that follow it, and the
 process's start-up (imports, params, opening the data, and a warm-up: one tiny training step and
 scipy.optimize, which the aligning methods import on first use). The reference is one epoch of the FT
@@ -66,11 +66,11 @@ def warm_up(arch: str, size: int, runtime) -> None:
 
 def measure_child(variant: str, seed: int) -> dict:
     """In a fresh process, in the scratch directory: one variant's step, timed, and its peak memory."""
+    from medmerge.merge.inputs import load_sources
     from medmerge.methods import MergeInputs, run_merge_method
     from medmerge.models import load_model_dir
     from medmerge.stage import seed_everything, stage_dataset, stage_params, stage_runtime
     from medmerge.train import train_classifier
-    from stages.merge import merge_sources, merge_teachers
 
     params, _ = stage_params()
     runtime = stage_runtime(params)
@@ -91,9 +91,10 @@ def measure_child(variant: str, seed: int) -> dict:
         train_classifier(params.arch, state, data, settings, runtime, epochs=1, seed=seed, description=variant)
     else:
         names = params.source_names
-        sources, _, _ = merge_sources(params.arch, names, settings.sources_from, seed, settings.anchor,
-                                      settings.align, data, runtime)
-        teachers = merge_teachers(names, seed) if get_method(settings.method).needs_teachers else None
+        sources, _, _ = load_sources(params.arch, names, settings.sources_from, seed, settings.anchor,
+                                     settings.align, data, runtime)
+        teachers = ([load_model_dir(layout.source_dir("ft", name, seed))[0] for name in names]
+                    if get_method(settings.method).needs_teachers else None)
         run_merge_method(MergeInputs(params.arch, sources, names, data, settings, runtime, seed, teachers=teachers))
     if on_cuda:
         torch.cuda.synchronize()

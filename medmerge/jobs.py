@@ -1,8 +1,8 @@
 """The training jobs of the training stages: what each trains from, on which dataset, into which directory,
 and the one function that runs a job under its MLflow run and writes its model directory.
 
-``stages/train.py`` runs pretraining and the FT / LP-FT baselines; ``stages/merge.py`` the fine-tune of a
-collapsed merge (:func:`finetune_merged_job`).
+``stages/train.py`` runs them all: pretraining, the FT / LP-FT baselines and the fine-tune of a collapsed
+merge (:func:`finetune_merged_job`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from medmerge.tracking import TRAINING_SPLITS, stage_run
 from medmerge.train import train_classifier
 
 log = logging.getLogger("medmerge.jobs")
-JOBS = ("pretrain", *BASELINES)
+FINETUNE_MERGED = "finetune_merged"
+JOBS = ("pretrain", *BASELINES, FINETUNE_MERGED)
 
 
 @dataclass
@@ -45,10 +46,11 @@ class Job:
         return self.stage != "pretrain"
 
 
-def finetune_merged_job(method: str, seed: int, params: Params) -> Job:
-    """The fine-tune of merge ``method``'s collapsed model for ``seed`` (``merge.finetune_epochs`` epochs)."""
-    return Job("finetune_merged", layout.merge_dir(layout.MERGED, method, seed), params.data.target,
-               params.finetune, params.method(method).finetune_epochs, layout.merge_dir(layout.MERGED_FT, method, seed),
+def finetune_merged_job(method: str, seed: int, params: Params, epochs: int) -> Job:
+    """The fine-tune of merge ``method``'s collapsed model for ``seed``, ``finetune`` for ``epochs`` epochs (its
+    ``finetune_epochs``)."""
+    return Job(FINETUNE_MERGED, layout.merge_dir(layout.MERGED, method, seed), params.data.target,
+               params.finetune, epochs, layout.merge_dir(layout.MERGED_FT, method, seed),
                f"finetune merged {method} seed {seed}", {"seed": str(seed), "method": method}, keep_head=True)
 
 

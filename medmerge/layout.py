@@ -18,6 +18,8 @@ PROCESSED = Path("data/processed")
 # <baseline>/seed_<n>/<source>: a single-source baseline (params.yaml `baselines`)
 MODELS = Path("models")
 SOURCES = Path("models/sources")
+SETTINGS = Path("models/settings")  # <method>/<step>.json: the keys of merge each step of that merge reads
+TEACHERS = Path("models/teachers")  # <method>/seed_<n>/<source>: the FT baselines a merge learns from, if any
 MERGE = Path("models/merge")  # <method>/seed_<n>: coefficients, merge state, layer summary
 MERGED = Path("models/merged")  # <method>/seed_<n>: the collapsed model
 MERGED_FT = Path("models/merged_ft")  # <method>/seed_<n>: the collapsed model fine-tuned
@@ -52,6 +54,11 @@ def source_dir(sources_from: str, source: str, seed: int) -> Path:
     """A source as seed ``seed`` uses it (``merge.sources_from``): ``pretrained`` (or used as given) or a
     baseline's model, ``models/<sources_from>/seed_<n>/<source>``."""
     return seed_dir(MODELS / sources_from, seed) / source
+
+
+def settings_file(method: str, step: str) -> Path:
+    """What step ``step`` (learn, collapse, finetune) of merge ``method`` reads of its settings."""
+    return SETTINGS / method / f"{step}.json"
 
 
 def merge_dir(stage_root: Path, method: str, seed: int) -> Path:

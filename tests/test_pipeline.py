@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import sys
@@ -132,7 +133,9 @@ def test_every_file_a_stage_opens_is_declared(repo) -> None:
     # params; tracking; git metadata; resume checkpoints (kept outside the outs on purpose)
     allowed_everywhere = ("params.yaml", "mlflow.db", "mlartifacts/", ".git/", ".medmerge/")
     opened = [json.loads(line) for line in (root.parent / AUDIT_LOG).read_text().splitlines()]
-    assert {entry["stage"] for entry in opened} >= {"evaluate", "pretrain@imagenet-0", "merge@medmerge-1"}
+    assert {entry["stage"] for entry in opened} >= {"evaluate", "pretrain@imagenet-0", "merge_settings@medmerge",
+                                                    "teachers@medmerge-1", "learn@medmerge-1", "collapse@medmerge-1",
+                                                    "finetune_merged@medmerge-1"}
     assert any(entry["path"] == "medmerge/config.py" for entry in opened)  # imports are recorded too
     within = lambda path, roots: any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)  # noqa: E731
     undeclared = []
@@ -170,7 +173,8 @@ def test_a_new_seed_runs_only_that_seeds_stages(repo) -> None:
     finally:
         params_file.write_text(original)
     assert changed and all(name == "evaluate" or name.endswith("-2") for name in changed), changed
-    assert {"pretrain@imagenet-2", "baseline@lpft-scratch-2", "merge@medmerge-2", "evaluate"} <= set(changed)
+    assert {"pretrain@imagenet-2", "baseline@lpft-scratch-2", "teachers@medmerge-2", "learn@medmerge-2",
+            "collapse@medmerge-2", "finetune_merged@medmerge-2", "evaluate"} <= set(changed)
 
 
 def test_collapsed_checkpoints_load_strictly_into_timm_and_predict_what_the_pipeline_recorded(repo) -> None:
@@ -239,21 +243,61 @@ def test_second_repro_does_nothing(repo) -> None:
     assert "up to date" in result.stdout, result.stdout
 
 
-def test_exp_run_reruns_only_the_merge_stages_and_logs_the_new_lr(repo) -> None:
+def ran_stages(output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_dag_learns_collapses_finetunes_then_evaluates(repo) -> None:
+    """`dvc dag` shows each merge's steps as stages in order: learn -> collapse -> finetune_merged -> evaluate,
+    with the merge's settings and teachers before learning."""
+    root, env = repo
+    dot = run(["dvc", "dag", "--dot"], root, env).stdout
+    edges = {tuple(part.strip().strip('"') for part in line.rstrip(";").split("->"))
+             for line in dot.splitlines() if "->" in line}
+    for method in MERGES:
+        for seed in (0, 1):
+            chain = [f"merge_settings@{method}", f"learn@{method}-{seed}", f"collapse@{method}-{seed}",
+                     f"finetune_merged@{method}-{seed}", "evaluate"]
+            for before, after in itertools.pairwise(chain):
+                assert (before, after) in edges, (before, after)
+            assert (f"teachers@{method}-{seed}", f"learn@{method}-{seed}") in edges
+
+
+def test_lr_sweep_relearns_only_the_learned_merges_and_logs_the_new_lr(repo) -> None:
+    """`dvc exp run -S merge.lr=...`: the merges that learn with that rate (medmerge, aligned or not) rerun from
+    learning on; the fixed-weight merges (average, interpolate), which do not read it, run no stage."""
     root, env = repo
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
     result = run(["dvc", "exp", "run", "--temp", "-n", "lr-sweep", "-S", "merge.lr=0.003"], root, env)
-    output = result.stdout + result.stderr
-    assert "Running stage 'merge@medmerge-0'" in output and "Running stage 'merge@average-1'" in output
-    for skipped in ("pretrain@imagenet-0", "baseline@ft-scratch-1", "baseline@lpft-imagenet-0", "prepare@lesions"):
-        assert f"Running stage '{skipped}'" not in output, skipped
+    ran = ran_stages(result.stdout + result.stderr)
+    for seed in (0, 1):
+        for method in ("medmerge", "medmerge_aligned"):
+            assert {f"learn@{method}-{seed}", f"collapse@{method}-{seed}", f"finetune_merged@{method}-{seed}"} <= ran
+        for method in ("average", "interpolate"):
+            assert not {f"learn@{method}-{seed}", f"collapse@{method}-{seed}", f"finetune_merged@{method}-{seed}"} & ran
+    assert not {stage for stage in ran if stage.split("@")[0] in ("pretrain", "baseline", "prepare", "fetch_data")}
     evaluate = [r for r in runs(root) if r.data.tags.get("stage") == "evaluate" and r.data.params["merge.lr"] == "0.003"]
     assert len(evaluate) == 1, "the temporary experiment's evaluate run did not reach the repository's store"
     assert evaluate[0].data.tags["dvc_exp_name"] == "lr-sweep"
     assert "medmerge.f1_macro" in evaluate[0].data.metrics
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
     assert "lr-sweep" in json.dumps(shown)
+
+
+def test_finetune_sweeps_relearn_and_recollapse_nothing(repo) -> None:
+    """`-S merge.finetune_epochs=... -S finetune.lr=...`: every fine-tune reruns (the baselines' and the merged
+    models'), no merge is learned or collapsed again, although the FT baselines changed."""
+    root, env = repo
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
+    result = run(["dvc", "exp", "run", "--temp", "-n", "finetune-sweep", "-S", "merge.finetune_epochs=2",
+                  "-S", "finetune.lr=0.002"], root, env)
+    ran = ran_stages(result.stdout + result.stderr)
+    assert {f"finetune_merged@{method}-{seed}" for method in MERGES for seed in (0, 1)} <= ran
+    assert {"baseline@ft-imagenet-0", "baseline@lpft-scratch-1", "evaluate"} <= ran
+    assert not {stage for stage in ran if stage.split("@")[0] in ("learn", "collapse", "pretrain")}, sorted(ran)
 
 
 def test_bad_params_key_stops_the_stage_with_a_clear_message(repo) -> None:
@@ -265,7 +309,7 @@ def test_bad_params_key_stops_the_stage_with_a_clear_message(repo) -> None:
     (bad / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copytree(root / "stages", bad / "stages")
     shutil.copytree(root / "medmerge", bad / "medmerge")
-    result = run([sys.executable, "-m", "stages.merge", "medmerge", "--seed", "0"], bad, env, check=False)
+    result = run([sys.executable, "-m", "stages.learn", "medmerge", "--seed", "0"], bad, env, check=False)
     assert result.returncode == 1
     assert "params.yaml" in result.stderr and "merge.lrr: unknown key" in result.stderr
     assert "Traceback" not in result.stderr

@@ -10,8 +10,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from medmerge.config import Params, flatten, load_params
+from medmerge import layout
+from medmerge.config import MergeSettings, Params, flatten, load_params
 from medmerge.errors import InputError
+from medmerge.io import read_json
 from medmerge.stage.outputs import collecting_resume_dirs
 from medmerge.stage.runtime import is_main_process, limit_threads, loaded_distributed
 
@@ -33,6 +35,23 @@ def stage_params() -> tuple[Params, dict]:
     """The validated params and their flattened dotted form (for MLflow)."""
     params = load_params()
     return params, flatten(params.model_dump(mode="json"))
+
+
+def merge_step_values(params: Params, method: str, step: str) -> dict:
+    """What step ``step`` of merge ``method`` (a key of ``params.methods``) reads of its settings: the file
+    ``merge_settings@<method>`` wrote (models/settings/<method>/<step>.json), the only settings of the merge
+    its learn, collapse or finetune_merged stage depends on."""
+    params.method(method)  # an unknown merge stops here, naming the known ones
+    return read_json(layout.settings_file(method, step))
+
+
+def merge_step_settings(params: Params, method: str, *steps: str) -> MergeSettings:
+    """Merge ``method``'s settings as its steps ``steps`` (``learn`` first) read them (:func:`merge_step_values`);
+    keys that none of them reads keep their defaults, which those steps do not look at."""
+    values: dict = {}
+    for step in steps:
+        values |= merge_step_values(params, method, step)
+    return MergeSettings.model_validate(values)
 
 
 def add_seed_argument(parser: argparse.ArgumentParser) -> None:
