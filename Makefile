@@ -34,13 +34,15 @@ repo:
 	@git rev-parse --git-dir >/dev/null 2>&1 || (git init -q && git add -A && git -c user.name=medmerge -c user.email=medmerge@localhost commit -qm "initial")
 	@test -d .dvc || $(BIN)/dvc init -q
 
+# medmerge repro: dvc repro with independent stages side by side, one per core (JOBS=n to choose); the same
+# outputs and dvc.lock as a plain `dvc repro`
 demo: install repo
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/medmerge repro $(if $(JOBS),--jobs $(JOBS))
 	$(BIN)/python scripts/readme_results.py
 	@cat reports/comparison.md
 
 repro:
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/medmerge repro $(if $(JOBS),--jobs $(JOBS))
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

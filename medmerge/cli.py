@@ -4,6 +4,7 @@
     medmerge predict --model models:/medmerge/1 images.csv        # a registered MLflow model
     medmerge info models/merged_ft/medmerge_aligned/seed_0
     medmerge ui-url                                                # the MLflow UI's links to the runs
+    medmerge repro --jobs 2                                        # dvc repro, independent stages side by side
 
 A model is a model dir the pipeline wrote, or an MLflow model URI (``models:/<name>/<version>``,
 ``runs:/<run>/model``) whose artifacts hold one. Images: folders (searched recursively), CSV files with a
@@ -106,6 +107,16 @@ def ui_url_command(args: argparse.Namespace) -> None:
     print(f"latest evaluate run:  {summary or 'none finished yet'}")
 
 
+def repro_command(args: argparse.Namespace) -> None:
+    from medmerge.parallel_repro import ReproError, reproduce
+
+    try:
+        outcome = reproduce(args.jobs, args.targets)
+    except ReproError as error:
+        raise InputError(str(error)) from None
+    print(f"{len(outcome.ran)} stages ran, {len(outcome.skipped)} unchanged; dvc.lock is up to date")
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="medmerge", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +137,12 @@ def parser() -> argparse.ArgumentParser:
     ui_url.add_argument("--host", default="127.0.0.1", help="where the MLflow UI listens")
     ui_url.add_argument("--port", type=int, default=5000)
     ui_url.set_defaults(run=ui_url_command)
+    repro = commands.add_parser("repro", help="dvc repro with independent stages run side by side (same outputs)")
+    repro.add_argument("targets", nargs="*", help="stages to bring up to date with their upstream (default: all)")
+    repro.add_argument("-j", "--jobs", type=int, default=None,
+                       help="stage commands at a time (default: one per core; give each stage "
+                            "device.cpu_threads threads' worth of cores)")
+    repro.set_defaults(run=repro_command)
     return main
 
 

@@ -228,7 +228,7 @@ class DeviceSettings(_Section):
     # on the CPU: portable (PyTorch, oneDNN and MKL held to AVX2: the same CPU model, threads and versions train
     # the same bits; another CPU a statistically equivalent run) or native (each library's fastest code path)
     cpu_kernels: Literal["portable", "native"] = "portable"
-    cpu_threads: int = Field(2, ge=0, le=4096)  # torch threads on the CPU (the sums' order); 0: one per core
+    cpu_threads: int = Field(1, ge=0, le=4096)  # torch threads on the CPU (the sums' order); 0: one per core
     # > 1: the training stages run as that many DDP processes under torchrun (one per GPU on CUDA, gloo
     # on the CPU); the batch size stays the global batch (docs/multi_gpu.md)
     processes: int = Field(1, ge=1, le=1024)  # per node
@@ -295,8 +295,8 @@ class Params(_Section):
             self._check_method(name, self.method(name))
         if self.merge.sources_from != "pretrained" and self.merge.sources_from not in self.baselines:
             raise ValueError(f"merge.sources_from '{self.merge.sources_from}' is not one of baselines {self.baselines}")
-        if "ft" not in self.baselines:  # dvc.yaml: merge@ depends on models/ft/seed_<n>
-            raise ValueError(f"baselines: must include ft (every merge stage reads models/ft/seed_<n>, the FT "
+        if "ft" not in self.baselines:  # dvc.yaml: teachers@ depends on models/ft/seed_<n>
+            raise ValueError(f"baselines: must include ft (every teachers@ stage reads models/ft/seed_<n>, the FT "
                              f"ensemble that distill learns from), got {self.baselines}")
         return self
 

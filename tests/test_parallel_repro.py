@@ -1,0 +1,81 @@
+"""``medmerge repro --jobs N`` on a small DVC project of shell stages: independent stages run side by side,
+the lock file is what ``dvc repro`` writes, unchanged stages are skipped, and a failure is reported."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medmerge.parallel_repro import ReproError, reproduce
+
+# two stages that each wait for the other to have started: serially, the first would time out and fail
+MEET = ("touch {me}.started; for i in $(seq 300); do [ -e {other}.started ] && break; sleep 0.1; done; "
+        "[ -e {other}.started ] && cat params.txt > {me}.txt")
+
+
+def dvc(root: Path, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def project(root: Path, fail_b: bool = False) -> Path:
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc(root, "init", "-q")
+    (root / "params.yaml").write_text("x: 1\n")
+    stages = {
+        "source": {"cmd": "python3 -c \"import yaml; print(yaml.safe_load(open('params.yaml'))['x'])\" > params.txt",
+                   "params": ["x"], "outs": ["params.txt"]},
+        "a": {"cmd": MEET.format(me="a", other="b"), "deps": ["params.txt"], "outs": ["a.txt"]},
+        "b": {"cmd": "exit 3" if fail_b else MEET.format(me="b", other="a"), "deps": ["params.txt"],
+              "outs": ["b.txt"]},
+        "both": {"cmd": "cat a.txt b.txt > both.txt", "deps": ["a.txt", "b.txt"], "outs": ["both.txt"]},
+    }
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (root / ".gitignore").write_text("*.started\n.medmerge/\n")
+    return root
+
+
+def lock_entries(root: Path) -> dict:
+    """dvc.lock without the parts that name the machine's paths."""
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_independent_stages_run_side_by_side_and_the_lock_is_dvc_repros(tmp_path: Path) -> None:
+    parallel, serial = project(tmp_path / "parallel"), project(tmp_path / "serial")
+    outcome = reproduce(jobs=2, root=parallel, echo=lambda line: None)
+    assert set(outcome.ran) == {"source", "a", "b", "both"}
+    assert (parallel / "both.txt").read_text() == "1\n1\n"
+    assert "up to date" in dvc(parallel, "status")
+    # dvc repro in the other copy: a and b wait for each other, so it runs them with an empty partner file
+    (serial / "b.started").touch()
+    (serial / "a.started").touch()
+    dvc(serial, "repro")
+    assert lock_entries(parallel) == lock_entries(serial)
+    again = reproduce(jobs=2, root=parallel, echo=lambda line: None)
+    assert again.ran == {} and set(again.skipped) == {"source", "a", "b", "both"}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_change_reruns_what_it_reaches_only(tmp_path: Path) -> None:
+    root = project(tmp_path / "p")
+    reproduce(jobs=2, root=root, echo=lambda line: None)
+    (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text().replace("cat a.txt b.txt", "cat b.txt a.txt"))
+    outcome = reproduce(jobs=2, root=root, echo=lambda line: None)
+    assert set(outcome.ran) == {"both"} and {"source", "a", "b"} <= set(outcome.skipped)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_failed_stage_is_named_with_its_log_and_nothing_after_it_runs(tmp_path: Path) -> None:
+    root = project(tmp_path / "p", fail_b=True)
+    with pytest.raises(ReproError, match=r"stage 'b' failed with exit status 3; its output: \.medmerge/logs/b\.log"):
+        reproduce(jobs=2, root=root, echo=lambda line: None)
+    assert not (root / "both.txt").exists()
+    entries = lock_entries(root)
+    assert "source" in entries and "b" not in entries and "both" not in entries
