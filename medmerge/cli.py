@@ -61,25 +61,35 @@ def fetch_model_dir(uri: str, into: Path) -> ModelDownload:
     import mlflow.artifacts
     import yaml
     from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
     from medmerge.model_registry import MODEL_ARTIFACT
 
     try:
         root = _model_root(uri)
-        mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{MLMODEL}",
-                                                           dst_path=str(into / "mlmodel")))
-        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
-        path = ((flavor.get("artifacts") or {}).get(MODEL_ARTIFACT) or {}).get("path")
+        if ModelsArtifactRepository.is_models_uri(root):  # a registered version: looked up once, not per file
+            repository = ModelsArtifactRepository(root)
+
+            def fetch(path: str, destination: Path) -> Path:
+                destination.mkdir(parents=True, exist_ok=True)
+                return Path(repository.download_artifacts(path, dst_path=str(destination)))
+        else:
+            def fetch(path: str, destination: Path) -> Path:
+                return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}",
+                                                               dst_path=str(destination)))
+
+        flavors = (yaml.safe_load(fetch(MLMODEL, into / "mlmodel").read_text()) or {}).get("flavors") or {}
+        artifacts = (flavors.get("python_function") or {}).get("artifacts") or {}
+        path = (artifacts.get(MODEL_ARTIFACT) or {}).get("path")
         if not path:
             raise InputError(f"{uri}: not a MedMerge model (its {MLMODEL} names no '{MODEL_ARTIFACT}' artifact)")
-        directory_uri = f"{root}/{path}"
         destination = into / "model"
-        directory = Path(mlflow.artifacts.download_artifacts(artifact_uri=directory_uri, dst_path=str(destination)))
+        directory = fetch(path, destination)
     except MlflowException as error:  # unknown model or version, no MLmodel, unreachable server: one line
         raise InputError(f"{uri}: {str(error.message).strip().splitlines()[0]}") from None
     if not (directory / CARD).is_file():
         raise InputError(f"{uri}: not a MedMerge model (no {CARD} in its '{MODEL_ARTIFACT}' artifact {path})")
-    return ModelDownload(directory, directory_uri, Path(os.path.relpath(directory, destination)).as_posix())
+    return ModelDownload(directory, f"{root}/{path}", Path(os.path.relpath(directory, destination)).as_posix())
 
 
 def model_dir(reference: str, scratch: Path) -> Path:
