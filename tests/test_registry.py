@@ -158,7 +158,8 @@ def test_cli_fetches_only_the_model_dir_of_a_registered_model(tmp_path: Path, mo
     import mlflow.artifacts
     from PIL import Image
 
-    from medmerge.cli import main
+    from medmerge import cli
+    from medmerge.cli import fetch_model_dir
 
     monkeypatch.chdir(tmp_path)  # the store's artifacts (<cwd>/mlartifacts) in the test's folder
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -170,39 +171,38 @@ def test_cli_fetches_only_the_model_dir_of_a_registered_model(tmp_path: Path, mo
     for i, image in enumerate(images(3, 40, seed=5)):
         Image.fromarray(image).save(tmp_path / f"scan_{i}.png")
         scans.append(str(tmp_path / f"scan_{i}.png"))
-    fetched: list[tuple[str, list[str]]] = []
-    download = mlflow.artifacts.download_artifacts
+    fetched: dict[str, list[str]] = {}
 
-    def counted(artifact_uri: str, **kwargs) -> str:
-        local = Path(download(artifact_uri=artifact_uri, **kwargs))
-        fetched.append((artifact_uri, sorted(p.name for p in [local, *local.rglob("*")] if p.is_file())))
-        return str(local)
+    def recorded(uri: str, into: Path):
+        download = fetch_model_dir(uri, into)
+        fetched[uri] = sorted(p.name for p in into.rglob("*") if p.is_file())
+        return download
 
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counted)
-    main(["predict", "--model", str(model_dir), *scans, "--out", str(tmp_path / "local.csv")])
-    assert fetched == []
-    main(["predict", "--model", "models:/lesions-merged/1", *scans, "--out", str(tmp_path / "registered.csv")])
-    assert fetched == [("models:/lesions-merged/1/MLmodel", ["MLmodel"]),
-                       ("models:/lesions-merged/1/artifacts/merged_ft", ["card.json", "config.json", "model.safetensors"])]
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "registered.csv"), pd.read_csv(tmp_path / "local.csv"))
+    monkeypatch.setattr(cli, "fetch_model_dir", recorded)
+    cli.main(["predict", "--model", str(model_dir), *scans, "--out", str(tmp_path / "local.csv")])
+    assert fetched == {}
+    models = ("models:/lesions-merged/1", f"runs:/{version.run_id}/model")
+    for model in models:
+        cli.main(["predict", "--model", model, *scans, "--out", str(tmp_path / "registered.csv")])
+        assert fetched.pop(model) == ["MLmodel", "card.json", "config.json", "model.safetensors"]  # no code, no env
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "registered.csv"), pd.read_csv(tmp_path / "local.csv"))
 
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
     capsys.readouterr()
-    for model in ("models:/lesions-merged/1", f"runs:/{version.run_id}/model"):
-        main(["info", model])
+    for model in models:
+        cli.main(["info", model])
         hint = capsys.readouterr().out.split("timm          ")[1].strip()
         source, inside = re.fullmatch(r"mlflow artifacts download -u (\S+) -d DIR, then "
                                       r"timm.create_model\('local-dir:DIR/(\S+)', pretrained=True\)", hint).groups()
         assert source == f"{model}/artifacts/merged_ft"
         target = tmp_path / "hint" / model.split(":")[0]
-        download(artifact_uri=source, dst_path=str(target))  # what `mlflow artifacts download` runs
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target))  # as `mlflow artifacts download`
         assert sorted(p.name for p in (target / inside).iterdir()) == ["card.json", "config.json", "model.safetensors"]
     capsys.readouterr()
 
     for model, says in (("models:/lesions-merged/9", "not found"), (f"runs:/{version.run_id}/nothing", "MLmodel"),
                         ("models:/", "names no model")):
         with pytest.raises(SystemExit) as stopped:
-            main(["predict", "--model", model, scans[0]])
+            cli.main(["predict", "--model", model, scans[0]])
         *bars, error = capsys.readouterr().err.strip().splitlines()  # a failed download shows MLflow's bar first
         assert stopped.value.code == 1 and error.startswith(f"medmerge predict: {model}: ") and says in error
         assert all(line.startswith("Downloading artifacts") for line in bars)
