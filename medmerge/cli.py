@@ -15,31 +15,87 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from medmerge.errors import InputError
 from medmerge.io import atomic_file
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "http://", "https://")
+MLMODEL = "MLmodel"
+CARD = "card.json"
 
 
-def _downloaded_model_dir(uri: str, into: Path) -> Path:
-    """The model dir inside an MLflow model's artifacts, downloaded into ``into``."""
+def _model_root(uri: str) -> str:
+    """The URI that the files of the MLflow model ``uri`` (``MLmodel``, ``artifacts/...``) are sub-paths of: the
+    URI itself, but a logged model's id (``models:/<model_id>``, which takes no sub-path) resolved to its
+    artifact location, as MLflow's ``Model.load`` does."""
+    path = urllib.parse.urlparse(uri).path.strip("/")
+    if uri.startswith("models:/") and not path:
+        raise InputError(f"{uri}: names no model (models:/<name>/<version>, models:/<name>@<alias>, "
+                         "models:/<model_id>)")
+    if uri.startswith("models:/") and "/" not in path and "@" not in path:
+        from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+        return ModelsArtifactRepository.get_underlying_uri(uri).rstrip("/")
+    return uri.rstrip("/")
+
+
+class ModelDownload(NamedTuple):
+    """A model dir downloaded from an MLflow model."""
+
+    directory: Path  #: the local model dir
+    uri: str  #: the MLflow URI of the model dir alone
+    inside: str  #: where ``mlflow artifacts download -u <uri> -d DIR`` puts it, relative to DIR
+
+
+def fetch_model_dir(uri: str, into: Path) -> ModelDownload:
+    """The model dir of the MLflow model ``uri`` (logged by :func:`medmerge.model_registry.log_model_dir`),
+    downloaded under ``into``. Only the model's ``MLmodel`` and the dir it names as the pyfunc
+    artifact :data:`~medmerge.model_registry.MODEL_ARTIFACT` (weights, card, config) are fetched, not the
+    logged code, environment files and input examples beside them."""
     import mlflow.artifacts
+    import yaml
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
-    found = sorted(card.parent for card in local.glob("artifacts/*/card.json"))
-    if not found:
-        raise FileNotFoundError(f"{uri}: not a MedMerge model (no artifacts/<dir>/card.json in its files)")
-    return found[0]
+    from medmerge.model_registry import MODEL_ARTIFACT
+
+    try:
+        root = _model_root(uri)
+        if ModelsArtifactRepository.is_models_uri(root):  # a registered version: looked up once, not per file
+            repository = ModelsArtifactRepository(root)
+
+            def fetch(path: str, destination: Path) -> Path:
+                destination.mkdir(parents=True, exist_ok=True)
+                return Path(repository.download_artifacts(path, dst_path=str(destination)))
+        else:
+            def fetch(path: str, destination: Path) -> Path:
+                return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{path}",
+                                                               dst_path=str(destination)))
+
+        flavors = (yaml.safe_load(fetch(MLMODEL, into / "mlmodel").read_text()) or {}).get("flavors") or {}
+        artifacts = (flavors.get("python_function") or {}).get("artifacts") or {}
+        path = (artifacts.get(MODEL_ARTIFACT) or {}).get("path")
+        if not path:
+            raise InputError(f"{uri}: not a MedMerge model (its {MLMODEL} names no '{MODEL_ARTIFACT}' artifact)")
+        destination = into / "model"
+        directory = fetch(path, destination)
+    except MlflowException as error:  # unknown model or version, no MLmodel, unreachable server: one line
+        raise InputError(f"{uri}: {str(error.message).strip().splitlines()[0]}") from None
+    if not (directory / CARD).is_file():
+        raise InputError(f"{uri}: not a MedMerge model (no {CARD} in its '{MODEL_ARTIFACT}' artifact {path})")
+    return ModelDownload(directory, f"{root}/{path}", Path(os.path.relpath(directory, destination)).as_posix())
 
 
 def model_dir(reference: str, scratch: Path) -> Path:
-    """A local model dir for ``reference``: the path itself, or the download of an MLflow model URI."""
-    return _downloaded_model_dir(reference, scratch) if reference.startswith(MLFLOW_SCHEMES) else Path(reference)
+    """A local model dir for ``reference``: the path itself, or the download of an MLflow model URI's model dir."""
+    return fetch_model_dir(reference, scratch).directory if reference.startswith(MLFLOW_SCHEMES) else Path(reference)
 
 
 def predict_command(args: argparse.Namespace) -> None:
@@ -70,13 +126,12 @@ def describe(card: dict) -> list[str]:
     return lines
 
 
-def timm_hint(reference: str, directory: Path, scratch: Path) -> str:
-    """How to open the model with timm: its folder, or for an MLflow URI (downloaded into ``scratch``, which
-    is gone when the command returns) the download that gives one."""
-    if reference.startswith(MLFLOW_SCHEMES):
-        inside = directory.relative_to(scratch).as_posix()
-        return (f"mlflow artifacts download -u {reference} -d DIR, then "
-                f"timm.create_model('local-dir:DIR/{inside}', pretrained=True)")
+def timm_hint(directory: Path, download: ModelDownload | None = None) -> str:
+    """How to open the model with timm: its folder, or for a model dir that was ``download``-ed (into a folder
+    that is gone when the command returns) the download of that dir alone that gives one."""
+    if download is not None:
+        return (f"mlflow artifacts download -u {download.uri} -d DIR, then "
+                f"timm.create_model('local-dir:DIR/{download.inside}', pretrained=True)")
     return f"timm.create_model('local-dir:{directory}', pretrained=True)"
 
 
@@ -84,13 +139,13 @@ def info_command(args: argparse.Namespace) -> None:
     from medmerge.models import load_model_dir
 
     with tempfile.TemporaryDirectory(prefix="medmerge-model-") as scratch:
-        directory = model_dir(args.model, Path(scratch))
+        download = fetch_model_dir(args.model, Path(scratch)) if args.model.startswith(MLFLOW_SCHEMES) else None
+        directory = download.directory if download else Path(args.model)
         _, card = load_model_dir(directory)
         has_config = (directory / "config.json").is_file()
-        hint = timm_hint(args.model, directory, Path(scratch))
     print("\n".join(describe(card)))
     if has_config:
-        print(f"timm          {hint}")
+        print(f"timm          {timm_hint(directory, download)}")
 
 
 def ui_url_command(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,12 +151,71 @@ def test_cli_predict_writes_the_csv_and_info_describes_the_model(tmp_path: Path,
     assert json.loads((model_dir / "config.json").read_text())["label_names"] == CLASSES
 
 
-def test_info_on_a_registered_model_gives_a_timm_hint_that_outlives_the_command(tmp_path: Path) -> None:
-    """For an MLflow URI the model is downloaded into a folder removed on return: the hint names the download."""
-    from medmerge.cli import timm_hint
+def test_cli_fetches_only_the_model_dir_of_a_registered_model(tmp_path: Path, model_dir: Path, monkeypatch,
+                                                               capsys) -> None:
+    """``models:/`` and ``runs:/`` URIs: MLmodel and the model dir are downloaded, not the logged code and
+    environment; the predictions equal the model dir's; the timm hint's download gives the folder it names."""
+    import mlflow.artifacts
+    from PIL import Image
 
-    scratch = tmp_path / "scratch"
-    hint = timm_hint("models:/medmerge/3", scratch / "artifacts" / "medmerge_seed_0", scratch)
-    assert hint == ("mlflow artifacts download -u models:/medmerge/3 -d DIR, then "
+    from medmerge import cli
+    from medmerge.cli import fetch_model_dir
+
+    monkeypatch.chdir(tmp_path)  # the store's artifacts (<cwd>/mlartifacts) in the test's folder
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with stage_run("evaluate", "medmerge", {}, uri, run_name="evaluate"):
+        version = register_best_model(model_dir, method="medmerge", seed=1, metrics={},
+                                      registered_name="lesions-merged", input_example=images(1, SIZE))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    scans = []
+    for i, image in enumerate(images(3, 40, seed=5)):
+        Image.fromarray(image).save(tmp_path / f"scan_{i}.png")
+        scans.append(str(tmp_path / f"scan_{i}.png"))
+    fetched: dict[str, list[str]] = {}
+
+    def recorded(uri: str, into: Path):
+        download = fetch_model_dir(uri, into)
+        fetched[uri] = sorted(p.name for p in into.rglob("*") if p.is_file())
+        return download
+
+    monkeypatch.setattr(cli, "fetch_model_dir", recorded)
+    cli.main(["predict", "--model", str(model_dir), *scans, "--out", str(tmp_path / "local.csv")])
+    assert fetched == {}
+    models = ("models:/lesions-merged/1", f"runs:/{version.run_id}/model")
+    for model in models:
+        cli.main(["predict", "--model", model, *scans, "--out", str(tmp_path / "registered.csv")])
+        assert fetched.pop(model) == ["MLmodel", "card.json", "config.json", "model.safetensors"]  # no code, no env
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "registered.csv"), pd.read_csv(tmp_path / "local.csv"))
+
+    capsys.readouterr()
+    for model in models:
+        cli.main(["info", model])
+        hint = capsys.readouterr().out.split("timm          ")[1].strip()
+        source, inside = re.fullmatch(r"mlflow artifacts download -u (\S+) -d DIR, then "
+                                      r"timm.create_model\('local-dir:DIR/(\S+)', pretrained=True\)", hint).groups()
+        assert source == f"{model}/artifacts/merged_ft"
+        target = tmp_path / "hint" / model.split(":")[0]
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target))  # as `mlflow artifacts download`
+        assert sorted(p.name for p in (target / inside).iterdir()) == ["card.json", "config.json", "model.safetensors"]
+    capsys.readouterr()
+
+    for model, says in (("models:/lesions-merged/9", "not found"), (f"runs:/{version.run_id}/nothing", "MLmodel"),
+                        ("models:/", "names no model")):
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["predict", "--model", model, scans[0]])
+        *bars, error = capsys.readouterr().err.strip().splitlines()  # a failed download shows MLflow's bar first
+        assert stopped.value.code == 1 and error.startswith(f"medmerge predict: {model}: ") and says in error
+        assert all(line.startswith("Downloading artifacts") for line in bars)
+
+
+def test_info_on_a_registered_model_gives_a_timm_hint_that_outlives_the_command(tmp_path: Path) -> None:
+    """For an MLflow URI the model dir is downloaded into a folder removed on return: the hint names the
+    download of that dir alone."""
+    from medmerge.cli import ModelDownload, timm_hint
+
+    fetched = ModelDownload(tmp_path / "scratch" / "model" / "artifacts" / "medmerge_seed_0",
+                            "models:/medmerge/3/artifacts/medmerge_seed_0", "artifacts/medmerge_seed_0")
+    hint = timm_hint(fetched.directory, fetched)
+    assert hint == ("mlflow artifacts download -u models:/medmerge/3/artifacts/medmerge_seed_0 -d DIR, then "
                     "timm.create_model('local-dir:DIR/artifacts/medmerge_seed_0', pretrained=True)")
     assert str(tmp_path) not in hint
