@@ -1,8 +1,10 @@
-"""Wall time of each stage of ``dvc repro`` in a fresh copy of the repository (no target).
+"""Wall time of each stage of ``dvc repro`` (or ``medmerge repro --jobs N``) in a fresh copy of the repository
+(no target).
 
 The copy is the scratch repository the end-to-end tests use (``medmerge.testing``), with the default
-params or ``--params`` overrides; each line of dvc's output is stamped as it arrives, and a stage's time
-runs from its ``Running stage`` line to the next one (or the end). Runs in the suite
+params or ``--params`` overrides; each line of the runner's output is stamped as it arrives. Under
+``dvc repro`` a stage's time runs from its ``Running stage`` line to the next one (or the end); under
+``medmerge repro`` (``--jobs N``), where stages overlap, it is the time the runner reports for its command. Runs in the suite
 (``python -m benchmarks suite --measure stage_times``); on its own, ``python -m benchmarks stage_times``
 takes the suite's options.
 """
@@ -17,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from medmerge import testing
@@ -53,13 +54,17 @@ def measure(args, runtime: Runtime | None = None) -> tuple[list[dict], dict]:
         set_dotted(params, assignment)
     env = stage_env()
     dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
+    jobs = getattr(args, "jobs", 0)
+    command = [sys.executable, "-m", "medmerge.cli", "repro", "--jobs", str(jobs)] if jobs else [dvc, "repro"]
+    runner = f"`medmerge repro --jobs {jobs}`" if jobs else "`dvc repro`"
     with tempfile.TemporaryDirectory(prefix="medmerge-stages-") as tmp:
         root = testing.copy_repo(Path(tmp), params)
         testing.init_repo(root, env, "benchmark")
         events: list[tuple[float, str]] = []  # (seconds since start, stage name)
+        reported: dict[str, float] = {}  # medmerge repro: each stage's own time
         tail: list[str] = []
         start = time.perf_counter()
-        with subprocess.Popen([dvc, "repro"], cwd=root, env=env, stdout=subprocess.PIPE,
+        with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
             for line in proc.stdout:
                 now = time.perf_counter() - start
@@ -70,19 +75,22 @@ def measure(args, runtime: Runtime | None = None) -> tuple[list[dict], dict]:
                 if match:
                     events.append((now, match.group(1)))
                     print(f"stage_times [{now:6.1f}s] {match.group(1)}", file=sys.stderr, flush=True)
+                done = re.search(r"Stage '([^']+)' done in ([\d.]+) s", line)
+                if done:
+                    reported[done.group(1)] = float(done.group(2))
         total = time.perf_counter() - start
         if proc.returncode != 0:
-            raise RuntimeError(f"dvc repro failed ({proc.returncode}):\n" + "\n".join(tail))
+            raise RuntimeError(f"{runner} failed ({proc.returncode}):\n" + "\n".join(tail))
     ends = [t for t, _ in events[1:]] + [total]
-    stages = {name: end - begin for (begin, name), end in zip(events, ends, strict=True)}
+    stages = reported if jobs else {name: end - begin for (begin, name), end in zip(events, ends, strict=True)}
     overrides = " ".join(args.params) if args.params else "default params"
-    config = f"`dvc repro`, {overrides}; {torch.get_num_threads()} torch threads"
+    config = f"{runner}, {overrides}"
     rows = [row("stage_times", f"stage `{name}`", config, f"{seconds:.1f} s", None)
             for name, seconds in stages.items()]
     rows.append(row("stage_times", "DVC start-up before the first stage", config,
                     f"{events[0][0] if events else total:.1f} s", None))
-    rows.append(row("stage_times", "**whole `dvc repro`**", config, f"{total:.1f} s", None))
-    return rows, {"params": args.params, "stages_s": stages, "total_s": total}
+    rows.append(row("stage_times", f"**whole {runner}**", config, f"{total:.1f} s", None))
+    return rows, {"params": args.params, "jobs": jobs, "stages_s": stages, "total_s": total}
 
 
 def main(argv: list[str] | None = None) -> None:

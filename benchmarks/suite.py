@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None, measurements: list[str] | None, descripti
     parser.add_argument("--memory-steps", type=int, default=3, help="peak_memory: training steps per measurement")
     parser.add_argument("--params", nargs="*", default=[], metavar="KEY=VALUE",
                         help="stage_times: params.yaml overrides, e.g. merge.epochs=2")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="stage_times: 0 runs `dvc repro`; N runs `medmerge repro --jobs N` (stages side by side)")
     parser.add_argument("--json", type=Path, default=None, help="also save everything measured here")
     parser.add_argument("--verbose", action="store_true", help="stage_times: echo dvc's output with timestamps")
     args = parser.parse_args(argv)

@@ -13,6 +13,8 @@ import yaml
 
 from medmerge.parallel_repro import ReproError, reproduce
 
+pytestmark = pytest.mark.slow  # real dvc and git subprocesses: about 13 s per test on 2 cores
+
 # two stages that each wait for the other to have started: serially, the first would time out and fail
 MEET = ("touch {me}.started; for i in $(seq 300); do [ -e {other}.started ] && break; sleep 0.1; done; "
         "[ -e {other}.started ] && cat params.txt > {me}.txt")
