@@ -10,7 +10,6 @@ itself is taken as it is. BatchNorm statistics are then recalibrated on the targ
 ``bn_recalibration`` is on, REPAIR first when ``repair`` is.
 """
 
-import argparse
 
 from medmerge import layout
 from medmerge.merge.collapse import collapse, recalibrate_on_target
@@ -19,7 +18,7 @@ from medmerge.models import create_model, load_model_dir, model_state_cpu, save_
 from medmerge.predictions import write_predictions
 from medmerge.scoring import split_predictions
 from medmerge.stage import (
-    add_seed_argument,
+    merge_stage_arguments,
     merge_step_settings,
     model_input,
     run,
@@ -32,10 +31,7 @@ from medmerge.stage import (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", help="a key of params.yaml methods")
-    add_seed_argument(parser)
-    args = parser.parse_args()
+    args = merge_stage_arguments(__doc__)
     params, _ = stage_params()
     method, seed = args.method, args.seed
     settings = merge_step_settings(params, method, "learn", "collapse")

@@ -19,7 +19,6 @@ MLflow ``learn_weights`` run and writes models/merge/<method>/seed_<n>/:
 checkpoint, so its rerun continues where it stopped.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -36,8 +35,8 @@ from medmerge.methods import MergeInputs, MergeResult, get_method, run_merge_met
 from medmerge.models import model_state_cpu, save_model_dir
 from medmerge.plots import plot_layer_coefficients
 from medmerge.stage import (
-    add_seed_argument,
     maybe_relaunch,
+    merge_stage_arguments,
     merge_step_settings,
     model_input,
     run,
@@ -109,10 +108,7 @@ def learn(method: str, params: Params, flat: dict, settings: MergeSettings, seed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", help="a key of params.yaml methods")
-    add_seed_argument(parser)
-    args = parser.parse_args()
+    args = merge_stage_arguments(__doc__)
     params, flat = stage_params()
     settings = merge_step_settings(params, args.method, "learn")
     maybe_relaunch(params, "stages.learn", sys.argv[1:])  # device.processes > 1: rerun under torchrun

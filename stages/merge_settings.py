@@ -8,18 +8,15 @@ files, not on the whole ``merge`` section, so ``dvc exp run -S merge.lr=...`` re
 only, and ``-S merge.finetune_epochs=...`` no learning. Cheap: no torch.
 """
 
-import argparse
 
 from medmerge import layout
 from medmerge.io import write_json
 from medmerge.methods import step_settings
-from medmerge.stage import run, stage_output, stage_params
+from medmerge.stage import merge_stage_arguments, run, stage_output, stage_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", help="a key of params.yaml methods")
-    args = parser.parse_args()
+    args = merge_stage_arguments(__doc__, seed=False)
     params, _ = stage_params()
     steps = step_settings(params.method(args.method))
     with stage_output(layout.SETTINGS / args.method) as out:

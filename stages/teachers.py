@@ -7,20 +7,16 @@ directory instead of models/ft, so a change of the FT baselines (``-S finetune.l
 merges that learn from them. Cheap: no torch.
 """
 
-import argparse
 import shutil
 
 from medmerge import layout
 from medmerge.io import write_json
 from medmerge.methods import get_method
-from medmerge.stage import add_seed_argument, run, stage_output, stage_params
+from medmerge.stage import merge_stage_arguments, run, stage_output, stage_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", help="a key of params.yaml methods")
-    add_seed_argument(parser)
-    args = parser.parse_args()
+    args = merge_stage_arguments(__doc__)
     params, _ = stage_params()
     needs_teachers = get_method(params.method(args.method).method).needs_teachers
     names = params.source_names if needs_teachers else []

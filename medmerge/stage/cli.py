@@ -54,6 +54,16 @@ def merge_step_settings(params: Params, method: str, *steps: str) -> MergeSettin
     return MergeSettings.model_validate(values)
 
 
+def merge_stage_arguments(doc: str, seed: bool = True) -> argparse.Namespace:
+    """The command line of a stage of one compared merge: ``<method>`` (a key of params.yaml ``methods``),
+    and ``--seed N`` unless the stage is per method only."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("method", help="a key of params.yaml methods")
+    if seed:
+        add_seed_argument(parser)
+    return parser.parse_args()
+
+
 def add_seed_argument(parser: argparse.ArgumentParser) -> None:
     """``--seed N``: the one seed a per-seed stage runs (``dvc.yaml`` passes each of ``params.yaml`` seeds)."""
     parser.add_argument("--seed", type=int, required=True, help="the seed of this run (one of params.yaml seeds)")
