@@ -7,7 +7,8 @@ an unchanged stage is skipped, a changed one has its outs removed and its comman
 (``DVC_ROOT``, ``DVC_STAGE`` set), at most ``jobs`` commands at a time; a finished one is saved,
 committed to the cache and written to ``dvc.lock``. So a later ``dvc repro`` or ``dvc status`` finds the
 pipeline up to date, and the outputs are the ones ``dvc repro`` writes: each stage runs alone in its
-process with the threads ``device.cpu_threads`` gives it, whatever runs beside it.
+process with the threads ``device.cpu_threads`` gives it, whatever runs beside it. Unlike ``dvc repro`` it
+does not restore a changed stage's outputs from DVC's run cache: it runs the stage.
 
 Each command's output goes to ``.medmerge/logs/<stage>.log`` (parallel outputs would interleave); the
 runner prints one line per stage. The first failure stops new stages from starting; the running ones
@@ -35,9 +36,18 @@ class ReproError(RuntimeError):
     """A stage's command failed: its name, its exit status and where its output is."""
 
 
+STAGE_MEMORY = 3 * 2**30  # the most one stage of the default pipeline held (3.2 GB peak RSS, benchmarks/README.md)
+
+
 def default_jobs() -> int:
-    """One stage per core this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """One stage per core this process may use, and no more than the memory holds at :data:`STAGE_MEMORY`
+    a stage."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return cores
+    return max(1, min(cores, memory // STAGE_MEMORY))
 
 
 @dataclass

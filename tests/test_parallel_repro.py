@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medmerge import parallel_repro
 from medmerge.parallel_repro import ReproError, reproduce
 
-pytestmark = pytest.mark.slow  # real dvc and git subprocesses: about 13 s per test on 2 cores
+slow = pytest.mark.slow  # real dvc and git subprocesses: about 13 s per test on 2 cores
+
 
 # two stages that each wait for the other to have started: serially, the first would time out and fail
 MEET = ("touch {me}.started; for i in $(seq 300); do [ -e {other}.started ] && break; sleep 0.1; done; "
@@ -48,6 +50,7 @@ def lock_entries(root: Path) -> dict:
     return yaml.safe_load((root / "dvc.lock").read_text())["stages"]
 
 
+@slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_independent_stages_run_side_by_side_and_the_lock_is_dvc_repros(tmp_path: Path) -> None:
     parallel, serial = project(tmp_path / "parallel"), project(tmp_path / "serial")
@@ -64,6 +67,7 @@ def test_independent_stages_run_side_by_side_and_the_lock_is_dvc_repros(tmp_path
     assert again.ran == {} and set(again.skipped) == {"source", "a", "b", "both"}
 
 
+@slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_a_change_reruns_what_it_reaches_only(tmp_path: Path) -> None:
     root = project(tmp_path / "p")
@@ -73,6 +77,7 @@ def test_a_change_reruns_what_it_reaches_only(tmp_path: Path) -> None:
     assert set(outcome.ran) == {"both"} and {"source", "a", "b"} <= set(outcome.skipped)
 
 
+@slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_a_failed_stage_is_named_with_its_log_and_nothing_after_it_runs(tmp_path: Path) -> None:
     root = project(tmp_path / "p", fail_b=True)
@@ -81,3 +86,15 @@ def test_a_failed_stage_is_named_with_its_log_and_nothing_after_it_runs(tmp_path
     assert not (root / "both.txt").exists()
     entries = lock_entries(root)
     assert "source" in entries and "b" not in entries and "both" not in entries
+
+
+def test_the_default_jobs_are_one_per_core_within_the_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel_repro.os, "sched_getaffinity", lambda pid: set(range(16)))
+    pages = {"SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(parallel_repro.os, "sysconf", lambda name: pages[name])
+    pages["SC_PHYS_PAGES"] = 64 * 2**30 // 4096
+    assert parallel_repro.default_jobs() == 16
+    pages["SC_PHYS_PAGES"] = 8 * 2**30 // 4096  # 8 GiB hold two stages of 3 GiB
+    assert parallel_repro.default_jobs() == 2
+    pages["SC_PHYS_PAGES"] = 2 * 2**30 // 4096
+    assert parallel_repro.default_jobs() == 1
