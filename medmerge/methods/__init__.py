@@ -1,9 +1,11 @@
 """Merge methods behind one interface, chosen by name (``merge.method`` / ``methods.<name>.method``).
 
 Every method takes the N sources (already aligned, if asked) and the target data and returns a
-:class:`~medmerge.merge.functional.KernelMerge` whose coefficients and target head are set. What follows is
-the same for all of them: collapse into one ordinary model, BatchNorm recalibration, the optional fine-tune
-and evaluation (``stages/merge.py``, ``stages/evaluate.py``).
+:class:`~medmerge.merge.functional.KernelMerge` whose coefficients and target head are set (or a merged
+model it built itself). What follows is the same for all of them, each its own stage: collapse into one
+ordinary model with BatchNorm recalibration (``stages/collapse.py``), the optional fine-tune
+(``stages/train.py finetune_merged``) and evaluation (``stages/evaluate.py``); ``stages/learn.py`` runs the
+method, reading only the settings :func:`step_settings` says its learning reads.
 
 One file per method, as mergekit's ``merge_methods/``: ``average.py``, ``interpolate.py``, ``medmerge.py``;
 the interface and the registry are in ``base.py`` (see there), the fixed-weight methods' shared merge in
