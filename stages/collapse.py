@@ -12,9 +12,8 @@ itself is taken as it is. BatchNorm statistics are then recalibrated on the targ
 
 
 from medmerge import layout
-from medmerge.merge.collapse import collapse, recalibrate_on_target
-from medmerge.merge.inputs import MODEL, reopen_merge
-from medmerge.models import create_model, load_model_dir, model_state_cpu, save_model_dir
+from medmerge.merge.inputs import collapse_learned
+from medmerge.models import model_state_cpu, save_model_dir
 from medmerge.predictions import write_predictions
 from medmerge.scoring import split_predictions
 from medmerge.stage import (
@@ -39,19 +38,7 @@ def main() -> None:
     seed_everything(seed)
     data = stage_dataset(params, params.data.target, params.evaluate.batch_size, runtime, seed=seed)
     merge_dir = layout.merge_dir(layout.MERGE, method, seed)
-    if (merge_dir / MODEL).is_dir():  # the method built the merged model itself
-        state, card = load_model_dir(merge_dir / MODEL)
-        model = create_model(card["arch"], num_classes=card["num_classes"])
-        model.load_state_dict(state)
-        model = runtime.prepare(model)
-        if settings.bn_recalibration:
-            recalibrate_on_target(model, card["arch"], data, runtime, seed)
-        model.eval()
-        info = card
-    else:
-        merge, info = reopen_merge(merge_dir, settings, seed)
-        model = collapse(merge, info["arch"], info["num_classes"], data if settings.bn_recalibration else None,
-                         runtime, seed=seed, repair_data=data if settings.repair else None)
+    model, info = collapse_learned(merge_dir, settings, data, runtime, seed)
     card = {"arch": info["arch"], "num_classes": info["num_classes"], "classes": info["classes"],
             "task": params.data.target, "stage": "collapse", "method": method,
             "merge_method": settings.method, "sources": info["sources"], "seed": seed,

@@ -1,6 +1,6 @@
 """What a merge of one seed reads from the pipeline's model directories: its sources (aligned onto the
 anchor if asked), the FT baselines a method that learns from their ensemble needs, and the learned merge
-itself, reopened for its collapse."""
+itself, reopened and collapsed into one model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from medmerge.io import read_json
 from medmerge.models import load_model_dir
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from torch import Tensor, nn
 
     from medmerge.config import MergeSettings
     from medmerge.data.target import TargetData
@@ -74,3 +74,26 @@ def reopen_merge(merge_dir: Path, settings: MergeSettings, seed: int) -> tuple[K
     merge = rebuild_merge(arch, sources, names, info["num_classes"], settings)
     restore_merge_state(merge, load_file(merge_dir / MERGE_STATE))
     return merge, info
+
+
+def collapse_learned(merge_dir: Path, settings: MergeSettings, data: TargetData, runtime: Runtime,
+                     seed: int) -> tuple[nn.Module, dict]:
+    """The merge the learn stage saved in ``merge_dir`` as one ordinary model, in eval mode, and what it
+    merged (merge.json, or the merged model's card): a coefficient merge collapsed once, a merged model the
+    method built itself (``MODEL``) taken as it is; BatchNorm recalibrated on ``data`` when
+    ``settings.bn_recalibration``, REPAIR first when ``settings.repair`` (coefficient merges)."""
+    from medmerge.merge.collapse import collapse, recalibrate_on_target
+    from medmerge.models import create_model
+
+    recalibrate_on = data if settings.bn_recalibration else None
+    if not (merge_dir / MODEL).is_dir():
+        merge, info = reopen_merge(merge_dir, settings, seed)
+        return collapse(merge, info["arch"], info["num_classes"], recalibrate_on, runtime, seed=seed,
+                        repair_data=data if settings.repair else None), info
+    state, info = load_model_dir(merge_dir / MODEL)
+    model = create_model(info["arch"], num_classes=info["num_classes"])
+    model.load_state_dict(state)
+    model = runtime.prepare(model)
+    if recalibrate_on is not None:
+        recalibrate_on_target(model, info["arch"], recalibrate_on, runtime, seed)
+    return model.eval(), info
