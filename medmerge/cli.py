@@ -166,7 +166,7 @@ def repro_command(args: argparse.Namespace) -> None:
     from medmerge.parallel_repro import ReproError, reproduce
 
     try:
-        outcome = reproduce(args.jobs, args.targets)
+        outcome = reproduce(args.jobs, args.targets, isolated=args.isolated)
     except ReproError as error:
         raise InputError(str(error)) from None
     print(f"{len(outcome.ran)} stages ran, {len(outcome.skipped)} unchanged; dvc.lock is up to date")
@@ -197,6 +197,9 @@ def parser() -> argparse.ArgumentParser:
     repro.add_argument("-j", "--jobs", type=int, default=None,
                        help="stage commands at a time (default: one per core; give each stage "
                             "device.cpu_threads threads' worth of cores)")
+    repro.add_argument("--isolated", action="store_true",
+                       help="start every stage in its own interpreter, as dvc repro does (by default a `python -m` "
+                            "stage is forked from one interpreter that imported torch, timm and MLflow once)")
     repro.set_defaults(run=repro_command)
     return main
 

@@ -98,3 +98,68 @@ def test_the_default_jobs_are_one_per_core_within_the_memory(monkeypatch: pytest
     assert parallel_repro.default_jobs() == 2
     pages["SC_PHYS_PAGES"] = 2 * 2**30 // 4096
     assert parallel_repro.default_jobs() == 1
+
+
+# a stage module: writes what it was run with when the interpreter exits (so exit handlers must run),
+# and says in its log whether torch was already imported (the zygote's preload) when it started
+TOOL = '''import atexit, json, os, sys
+print("preloaded" if "torch" in sys.modules else "fresh", flush=True)
+out, mode = sys.argv[1], sys.argv[2]
+record = {"argv": sys.argv[1:], "name": __name__, "stage": os.environ.get("DVC_STAGE"),
+          "in_root": os.getcwd() == os.environ.get("DVC_ROOT"), "path0": sys.path[0] == os.getcwd()}
+atexit.register(lambda: json.dump(record, open(out, "w")))
+if mode == "fail":
+    sys.exit(3)
+if mode == "raise":
+    raise ValueError("broken input")
+'''
+
+
+def module_project(root: Path, mode_b: str = "ok") -> Path:
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc(root, "init", "-q")
+    (root / "tool.py").write_text(TOOL)
+    stages = {name: {"cmd": f"python -m tool {name}.json {mode}", "deps": ["tool.py"], "outs": [f"{name}.json"]}
+              for name, mode in (("a", "ok"), ("b", mode_b))}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (root / ".gitignore").write_text(".medmerge/\n")
+    return root
+
+
+@slow
+@pytest.mark.skipif(shutil.which("git") is None or not hasattr(parallel_repro.os, "fork"), reason="needs git, fork")
+def test_python_module_stages_run_forked_from_the_zygote_as_python_would_run_them(tmp_path: Path) -> None:
+    forked, isolated = module_project(tmp_path / "forked"), module_project(tmp_path / "isolated")
+    reproduce(jobs=2, root=forked, echo=lambda line: None)
+    reproduce(jobs=2, root=isolated, echo=lambda line: None, isolated=True)
+    for name in ("a", "b"):
+        record = yaml.safe_load((forked / f"{name}.json").read_text())
+        assert record == {"argv": [f"{name}.json", "ok"], "name": "__main__", "stage": name, "in_root": True,
+                          "path0": True}
+        assert (forked / f"{name}.json").read_bytes() == (isolated / f"{name}.json").read_bytes()
+        assert "preloaded" in (forked / ".medmerge/logs" / f"{name}.log").read_text()
+        assert "fresh" in (isolated / ".medmerge/logs" / f"{name}.log").read_text()
+    assert lock_entries(forked) == lock_entries(isolated)
+
+
+@slow
+@pytest.mark.skipif(shutil.which("git") is None or not hasattr(parallel_repro.os, "fork"), reason="needs git, fork")
+@pytest.mark.parametrize(("mode", "status", "logged"), [("fail", 3, None), ("raise", 1, "ValueError: broken input")])
+def test_a_forked_stage_fails_with_its_exit_status_and_traceback(tmp_path: Path, mode: str, status: int,
+                                                                 logged: str | None) -> None:
+    root = module_project(tmp_path / "p", mode_b=mode)
+    with pytest.raises(ReproError, match=rf"stage 'b' failed with exit status {status}") as failure:
+        reproduce(jobs=2, root=root, echo=lambda line: None)
+    if logged:
+        assert logged in str(failure.value)
+    assert "b" not in lock_entries(root) and "a" in lock_entries(root)
+
+
+def test_only_plain_python_module_commands_are_forked() -> None:
+    command = parallel_repro.python_module_command
+    assert command("python -m stages.train ft imagenet --seed 0") == ("stages.train", ["ft", "imagenet", "--seed", "0"])
+    assert command("/venv/bin/python3 -m stages.evaluate") == ("stages.evaluate", [])
+    for other in ("python stages/train.py", "python -m x > out.txt", "A=1 python -m x", "python -m x && echo",
+                  "python -c 'print(1)'", "dvc repro", "python -m"):
+        assert command(other) is None, other
