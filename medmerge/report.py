@@ -84,12 +84,12 @@ def hardware_sentence(computes: Sequence[str]) -> str:
     """What the models were trained with (their cards' ``compute``), and what that means on another machine."""
     if not computes:
         return ""
-    if all(c.startswith("portable") for c in computes):
-        return (f" Every model was trained with {' and '.join(computes)}: the same CPU model with the same threads "
-                "and library versions trains the same bits, so there this table is reproduced exactly; another "
-                "CPU (even of the same instruction set), a GPU or `device.cpu_kernels: native` rounds "
-                "differently, which moves the results as another training run would (the t interval covers "
-                "that), and a verdict near the edge of its interval may then read otherwise.")
+    if all(c.startswith(("portable", "native")) for c in computes):
+        return (f" Every model was trained with {' and '.join(computes)}: the same CPU model with the same kernels, "
+                "threads and library versions trains the same bits, so there this table is reproduced exactly; "
+                "another CPU (even of the same instruction set) or a GPU rounds differently, which moves the "
+                "results as another training run would (the t interval covers that), and a verdict near the "
+                "edge of its interval may then read otherwise.")
     return (f" Models were trained with {'; '.join(computes)}: other hardware rounds differently, which moves the "
             "results as another training run would (the t interval covers that).")
 

@@ -101,6 +101,9 @@ def test_report_header_says_what_trained_the_models_and_what_another_machine_get
     portable = header(["portable CPU kernels (AVX2), 2 threads"])
     assert "Every model was trained with portable CPU kernels (AVX2), 2 threads" in portable
     assert "reproduced exactly" in portable
+    native = header(["native CPU kernels (AVX512), 1 thread"])
+    assert "Every model was trained with native CPU kernels (AVX512), 1 thread: the same CPU model" in native
+    assert "reproduced exactly" in native
     mixed = header(["portable CPU kernels (AVX2), 2 threads", "NVIDIA H200"])
     assert "Models were trained with portable CPU kernels (AVX2), 2 threads; NVIDIA H200" in mixed
     assert "reproduced exactly" not in mixed and "the t interval covers that" in mixed
