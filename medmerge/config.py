@@ -225,10 +225,11 @@ class DeviceSettings(_Section):
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "on"
     compile: bool = False
-    # on the CPU: native (each library's fastest code path for this CPU) or portable (PyTorch, oneDNN and MKL
-    # held to AVX2: also a CPU of the same model that lacks AVX-512 trains the same bits). Either way the same
-    # CPU model, threads and versions train the same bits; another CPU a statistically equivalent run
-    cpu_kernels: Literal["portable", "native"] = "native"
+    # on the CPU: portable (PyTorch, oneDNN and MKL held to AVX2: a CPU with or without AVX-512 trains the
+    # same bits as another of its kind; measured on two AMD EPYCs) or native (each library's fastest code path
+    # for this CPU: only the same CPU model showing the same instruction sets). Another vendor's CPU trains
+    # other bits either way: a statistically equivalent run
+    cpu_kernels: Literal["portable", "native"] = "portable"
     cpu_threads: int = Field(1, ge=0, le=4096)  # torch threads on the CPU (the sums' order); 0: one per core
     # > 1: the training stages run as that many DDP processes under torchrun (one per GPU on CUDA, gloo
     # on the CPU); the batch size stays the global batch (docs/multi_gpu.md)
