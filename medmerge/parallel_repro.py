@@ -12,9 +12,9 @@ does not restore a changed stage's outputs from DVC's run cache: it runs the sta
 
 A command that is only ``python -m <module> [args]`` (every stage of this project's ``dvc.yaml``) runs the
 module as that command would, but in a child forked from a *zygote*: one interpreter per run that imported
-the stages' libraries (torch, timm, MLflow, the stage modules) once, with one thread, before any tensor
-operation. Each stage then skips the 3 to 5 s of imports it would pay on its own, and starts as a fresh
-interpreter would after them: torch has started no threads and picked no kernels, so ``device.cpu_kernels``
+the stages' libraries (torch, timm, MLflow, and what the stage modules import) once, with one thread,
+before any tensor operation. Each stage then skips the 3 to 5 s of imports it would pay on its own (AMD EPYC,
+Zen 4), and starts as a fresh interpreter would after them: torch has started no threads and picked no kernels, so ``device.cpu_kernels``
 and ``device.cpu_threads`` act in the stage as in a new process, and it writes the same bits (measured:
 benchmarks/README.md). ``isolated=True`` (``medmerge repro --isolated``) starts every command in its own
 shell and interpreter, as ``dvc repro`` does.
