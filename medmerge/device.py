@@ -81,11 +81,20 @@ class Runtime:
     channels_last: bool = False
     compile: bool = False
     compute: str = ""  # what the stage trains with, for the model cards (e.g. "portable CPU kernels (AVX2), 2 threads")
+    depthwise_taps: bool = False  # small-map depthwise weight gradients tap by tap (device.cpu_depthwise_grad)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def training_ops(self) -> contextlib.AbstractContextManager:
+        """What a training step's forward pass runs under: :class:`~medmerge.depthwise.SmallMapDepthwise`
+        with ``depthwise_taps`` (not under ``torch.compile``, which traces the library's convolutions)."""
+        if not self.depthwise_taps or self.compile:
+            return contextlib.nullcontext()
+        from medmerge.depthwise import SmallMapDepthwise
+        return SmallMapDepthwise()
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A scaler that is active only for fp16 on CUDA, where gradients can underflow."""

@@ -189,7 +189,8 @@ def fit_fingerprint(
     digest = _Digest()
     runtime = transform.runtime
     digest.value({"settings": settings, "model": type(model).__qualname__, "structure": repr(model),
-                  "runtime": [runtime.device.type, str(runtime.amp_dtype), runtime.channels_last, runtime.compile],
+                  "runtime": [runtime.device.type, str(runtime.amp_dtype), runtime.channels_last, runtime.compile,
+                              runtime.depthwise_taps],
                   "optimizer": type(optimizer).__qualname__})
     names = {id(p): name for name, p in model.named_parameters()}
     digest.value([{**{k: v for k, v in group.items() if k != "params"},

@@ -202,7 +202,7 @@ def fit(
             running, seen = 0.0, 0
             for images, labels in train:
                 x, y = transform(images, augment=augment), labels.to(runtime.device)
-                with runtime.autocast():
+                with runtime.autocast(), runtime.training_ops():
                     if criterion is None:
                         loss = nn.functional.cross_entropy(step(x).float(), y, weight=weights)
                     else:

@@ -42,7 +42,8 @@ def main() -> int:
     params = yaml.safe_load((args.run_dir / "params.yaml").read_text())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.run_dir, capture_output=True, text=True)
     run = {"commit": commit.stdout.strip() or None, "cpu": cpu_description(), "cpu_threads": params["device"]["cpu_threads"],
-           "cpu_kernels": params["device"]["cpu_kernels"], "torch": torch.__version__,
+           "cpu_kernels": params["device"]["cpu_kernels"], "cpu_depthwise_grad": params["device"]["cpu_depthwise_grad"],
+           "torch": torch.__version__,
            "dvc_repro_seconds": args.seconds}
     (args.dest / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     return 0

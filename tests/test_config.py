@@ -116,6 +116,8 @@ def test_methods_inherit_merge_and_override_by_entry(raw: dict) -> None:
         (lambda r: r.update(baselines=["lpft"]), r"baselines: must include ft"),
         (lambda r: r["merge"].update(sources_from="lpft") or r.update(baselines=["ft"]),
          r"merge\.sources_from 'lpft' is not one of baselines"),
+        (lambda r: r["device"].update(cpu_depthwise_grad="fast"),
+         r"device\.cpu_depthwise_grad: Input should be 'taps' or 'library'"),
     ],
 )
 def test_bad_methods_seeds_and_baselines_are_named(raw: dict, edit, message) -> None:

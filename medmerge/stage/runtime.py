@@ -84,6 +84,8 @@ def stage_runtime(params: Params) -> Runtime:
         # under torchrun each worker keeps the threads torchrun's launcher gave it (maybe_relaunch)
         threads = thread_override() or (0 if distributed.launched() else settings.cpu_threads)
         compute = hold_cpu_kernels(settings.cpu_kernels, threads)
+        if settings.cpu_depthwise_grad == "taps":
+            compute += ", small-map depthwise weight gradients by taps"
     if distributed.launched():  # join first: set_device must precede any CUDA query (or all use GPU 0)
         distributed.init(kind)
     runtime = resolve_runtime(settings.type, settings.mixed_precision, settings.channels_last, settings.compile)
@@ -91,7 +93,8 @@ def stage_runtime(params: Params) -> Runtime:
     if compute is None:
         compute = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     log.info("training with %s", compute)
-    return dataclasses.replace(runtime, device=device, compute=compute)
+    return dataclasses.replace(runtime, device=device, compute=compute,
+                               depthwise_taps=device.type == "cpu" and settings.cpu_depthwise_grad == "taps")
 
 
 def torchrun_command(processes: int, module: str, argv: Sequence[str], nodes: int = 1, rdzv_endpoint: str = "",
