@@ -88,6 +88,47 @@ def test_a_failed_stage_is_named_with_its_log_and_nothing_after_it_runs(tmp_path
     assert "source" in entries and "b" not in entries and "both" not in entries
 
 
+@slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_an_interrupted_run_records_the_stages_it_finished(tmp_path: Path) -> None:
+    root = project(tmp_path / "p")
+
+    def interrupt(line: str) -> None:
+        if line == "Running stage 'both'":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(jobs=2, root=root, echo=interrupt)
+    assert set(lock_entries(root)) == {"source", "a", "b"}
+    outcome = reproduce(jobs=2, root=root, echo=lambda line: None)
+    assert set(outcome.ran) == {"both"}
+
+
+class _Stage:
+    """A stage of its own file (not dvc.yaml's), counting its writes."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def dump(self, update_pipeline: bool) -> None:
+        self.writes += 1
+
+
+def test_finished_stages_are_written_together_at_most_every_interval() -> None:
+    writer, first, second = parallel_repro.LockWriter(interval=3600), _Stage(), _Stage()
+    writer.add(first)
+    writer.write_if_due()
+    writer.add(second)
+    assert (first.writes, second.writes) == (0, 0)  # not yet due
+    writer.write()
+    writer.write()
+    assert (first.writes, second.writes) == (1, 1)  # written once, then no longer waiting
+    due, third = parallel_repro.LockWriter(interval=0), _Stage()
+    due.add(third)
+    due.write_if_due()
+    assert third.writes == 1
+
+
 def test_the_default_jobs_are_one_per_core_within_the_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parallel_repro.os, "sched_getaffinity", lambda pid: set(range(16)))
     pages = {"SC_PAGE_SIZE": 4096}
