@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 
 MEASUREMENTS = ("suite", "step_time", "loader_throughput", "peak_memory", "stage_times", "step_profile",
-                "data_stream", "alignment_time", "repair_layernorm", "method_cost")
+                "data_stream", "alignment_time", "repair_layernorm", "method_cost", "depthwise_grad")
 
 
 def summary(name: str) -> str:
