@@ -1,7 +1,7 @@
 """Depthwise convolutions' weight gradient on small maps, tap by tap (``device.cpu_depthwise_grad: taps``).
 
 On the CPU, oneDNN computes the weight gradient of a depthwise convolution whose output map is tiny (the
-last stages of an EfficientNet or MobileNet at 64 px: 2×2 and 4×4 maps, 480 to 1152 channels) in 10 to 25 ms,
+last stages of an EfficientNet or MobileNet at 64 px: 2×2 and 4×4 maps, 480 to 1152 channels) in 10 to 30 ms,
 about a hundred times what its few multiply-adds need; in the default model those few layers took a third of
 every training step (AMD EPYC Zen 4, AVX2 kernels, 1 thread: ``benchmarks/README.md``, "Depthwise weight
 gradients"). Summing one ``input window × output gradient`` product per kernel tap gives the same gradient

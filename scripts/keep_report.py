@@ -4,7 +4,7 @@
 
 Copies RUN_DIR's reports/comparison.md, comparison.csv, metrics.json, per_seed.csv and the plots
 (comparison.png, differences.png, layerwise.png) unchanged into DEST, with RUN_DIR's params.yaml, and
-writes DEST/run.json: the run's commit, the CPU model, the thread count, torch's version and the wall time
+writes DEST/run.json: the run's commit, the CPU model, its threads, CPU kernels and depthwise gradients, torch's version and the wall time
 of its `dvc repro` when given (``--seconds``). Nothing in the copied files is edited.
 """
 
