@@ -31,9 +31,10 @@ def test_example_params_are_the_defaults_but_for_data_sources_and_methods() -> N
     example = yaml.safe_load((EXAMPLE / "params.yaml").read_text())
     default = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(example) == set(default)
-    # and the CPU kernels its committed run used (recorded in its run.json), which the default has changed since
+    # and the CPU kernels and depthwise gradients its committed run used (recorded in its run.json)
     recorded = json.loads((EXAMPLE / "reports/run.json").read_text())
-    assert example["device"] == {**default["device"], "cpu_kernels": recorded["cpu_kernels"]}
+    assert example["device"] == {**default["device"], "cpu_kernels": recorded["cpu_kernels"],
+                                 "cpu_depthwise_grad": recorded["cpu_depthwise_grad"]}
     assert {key for key in default if key != "device" and example[key] != default[key]} == {"data", "sources",
                                                                                              "methods"}
     params = load_params(EXAMPLE / "params.yaml")
