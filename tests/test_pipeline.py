@@ -89,7 +89,8 @@ def test_repro_writes_the_comparison_of_every_method_over_seeds(repo) -> None:
     card = json.loads((root / "models/merged/medmerge/seed_0/card.json").read_text())
     assert card["arch"] == "tf_efficientnet_lite0" and card["bn_recalibrated"] is True
     # what trained it (the harness runs one thread per stage), and the report says so
-    assert re.fullmatch(r"portable CPU kernels \(AVX2\), 1 thread", card["compute"]), card["compute"]
+    assert re.fullmatch(r"portable CPU kernels \(AVX2\), 1 thread, small-map depthwise weight gradients by taps",
+                     card["compute"]), card["compute"]
     assert f"Every model was trained with {card['compute']}: the same CPU model" in markdown
     interpolate = json.loads((root / "models/merge/interpolate/seed_0/merge.json").read_text())
     scores = interpolate["val_f1_by_alpha"]
