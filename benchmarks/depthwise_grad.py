@@ -38,22 +38,17 @@ def record_depthwise_calls(model, images) -> list[tuple]:
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 
-    calls = []
+    from medmerge.depthwise import depthwise_arguments
 
-    def pair(value):
-        return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    calls = []
 
     class Record(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func is F.conv2d or func is torch.conv2d:
-                x, weight, _, stride, padding, dilation, groups = (*args, *[None] * 7)[:7]
-                kw = kwargs or {}
-                groups = kw.get("groups", groups or 1)
-                if groups > 1 and groups == x.shape[1] == weight.shape[0]:
-                    calls.append((x.detach(), weight, pair(kw.get("stride", stride or 1)),
-                                  pair(kw.get("padding", padding or 0)), pair(kw.get("dilation", dilation or 1)),
-                                  out.detach()))
+            call = depthwise_arguments(*args, **(kwargs or {})) if func is F.conv2d else None
+            if call is not None:
+                x, weight, _, stride, padding, dilation = call
+                calls.append((x.detach(), weight, stride, padding, dilation, out.detach()))
             return out
 
     with torch.no_grad(), Record():

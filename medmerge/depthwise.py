@@ -88,20 +88,27 @@ class DepthwiseConv2d(torch.autograd.Function):
         return input_grad, weight_grad, bias_grad, None, None, None
 
 
-def small_map_depthwise(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+def depthwise_arguments(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
                         dilation=1, groups: int = 1) -> tuple | None:
-    """``F.conv2d``'s arguments as :class:`DepthwiseConv2d` takes them, for a depthwise convolution (one
-    kernel per channel) on the CPU whose kernel learns and whose output has at most
-    :data:`MAX_OUTPUT_POSITIONS` positions; ``None`` for any other convolution."""
-    if (isinstance(padding, str) or input.dim() != 4 or input.device.type != "cpu" or groups == 1
-            or groups != input.shape[1] or weight.shape[0] != groups or weight.shape[1] != 1
-            or not weight.requires_grad):
+    """``F.conv2d``'s arguments as :class:`DepthwiseConv2d` takes them (stride, padding and dilation as pairs)
+    for a depthwise convolution (one kernel per channel, numeric padding); ``None`` for any other."""
+    if (isinstance(padding, str) or input.dim() != 4 or groups == 1 or groups != input.shape[1]
+            or weight.shape[0] != groups or weight.shape[1] != 1):
         return None
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    return input, weight, bias, _pair(stride), _pair(padding), _pair(dilation)
+
+
+def small_map_depthwise(*args, **kwargs) -> tuple | None:
+    """:func:`depthwise_arguments` of a depthwise convolution on the CPU whose kernel learns and whose output
+    has at most :data:`MAX_OUTPUT_POSITIONS` positions; ``None`` for any other convolution."""
+    call = depthwise_arguments(*args, **kwargs)
+    if call is None:
+        return None
+    input, weight, _, stride, padding, dilation = call
+    if input.device.type != "cpu" or not weight.requires_grad:
+        return None
     out_h, out_w = output_size(tuple(input.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
-    if out_h * out_w > MAX_OUTPUT_POSITIONS:
-        return None
-    return input, weight, bias, stride, padding, dilation
+    return call if out_h * out_w <= MAX_OUTPUT_POSITIONS else None
 
 
 class SmallMapDepthwise(TorchFunctionMode):
@@ -110,7 +117,7 @@ class SmallMapDepthwise(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d or func is torch.conv2d:
+        if func is F.conv2d:  # torch.conv2d is the same function
             call = small_map_depthwise(*args, **kwargs)
             if call is not None:
                 return DepthwiseConv2d.apply(*call)
